@@ -1,0 +1,258 @@
+"""Typed, frozen run configuration: YAML files with `base:` inheritance plus dotted overrides.
+
+OmegaConf does the typed merging (unknown keys, wrong types); `validate` adds the cross-field rules. Every user
+mistake surfaces as a `ConfigError` whose message is one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MAX_VOCAB = 65_536  # tokens are stored as uint16
+POSITIONS = ("shortformer", "learned", "rotary", "none")
+POS_TABLES = ("learned", "sinusoidal")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message is a single line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int = 2
+    d_model: int = 256
+    n_heads: int = 8
+    d_mlp: int = 0  # 0 = attention-only
+    positions: str = "shortformer"
+    pos_table: str = "learned"  # shortformer table: learned (the paper) or fixed sinusoidal
+    smeared_key: bool = False
+    smear_init: float = 0.5  # sigma(alpha) at init; 0.5 mixes each key half with its predecessor
+    context: int = 256
+    vocab_size: int = 4096
+    local_heads: int = 0  # per layer, the last `local_heads` heads are local (windowed)
+    local_window: int = 256
+    layer_norm: bool = True
+    ln_eps: float = 1e-5
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...] = ("python-stdlib",)
+    site_packages: bool = False  # with python-stdlib: also the interpreter's site-packages
+    text_field: str = "text"  # the field read from JSONL sources
+    tokenizer: str = ""  # path to an existing tokenizer.json; empty = train one
+    eval_fraction: float = 0.03  # share of files held out (chosen by a hash of the path)
+    eval_examples: int = 10_000
+    eval_length: int = 512
+    seed: int = 0  # data order; all models of a family share it
+    cache_dir: str = ""  # empty = $INDUCTION_JAX_CACHE or ~/.cache/induction_jax
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global sequences per step
+    lr: float = 1e-3
+    seed: int = 0  # parameter init
+    warmup_steps: int = 100
+    warmup_tokens: int = 0  # when > 0, overrides warmup_steps
+    decay: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.01
+    weight_decay_step: int = 0  # when > 0, weight decay becomes weight_decay_after from this step
+    weight_decay_after: float = 0.0
+    grad_clip: float = 1.0
+    resume_every: int = 200
+    log_every: int = 10
+    probe_every: int = 100  # live ICL / prefix-matching probes; 0 = off
+    probe_examples: int = 32
+
+
+@dataclass(frozen=True)
+class SnapshotsConfig:
+    every: int = 0
+    until: int = 0  # 0 = no limit
+    powers_of_two: tuple[int, ...] = ()  # [a, b] -> steps 2^a .. 2^b
+    steps: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1 = all remaining devices
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 32
+    icl_early: int = 50  # token indices at context 512; scaled by context/512 for shorter windows
+    icl_late: int = 500
+    icl_window: int = 10  # +-positions averaged in live probes and plots
+    draws: int = 10  # random draws per head evaluator
+    prefix_tokens: int = 25
+    repeats: int = 4
+    exclude_common: float = 0.05  # fraction of the vocabulary excluded at each end of the frequency ranking
+    prefix_threshold: float = 0.4
+    copying_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """The YAML file and its `base:` ancestors (relative to each file), base-most first, as (path, dict)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base: forms a cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    parents = _read_chain(path.parent / base, seen + (path.resolve(),)) if base else []
+    return parents + [(str(path), raw)]
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0].strip()
+    return f"{key}: {msg}" if key else msg
+
+
+def build(layers: Sequence[tuple[str, dict]] = (), overrides: Sequence[str] = ()) -> Config:
+    """Merges (source, dict) layers and dotted `key=value` overrides onto the defaults; validates."""
+    merged = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(merged, False)
+    for source, data in layers:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_one_line(e)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form section.key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command line: {_one_line(e)}") from None
+    source = layers[-1][0] if layers else "<defaults>"
+    if overrides:
+        source += " + command line"
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_one_line(e)}") from None
+    validate(cfg, source)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads a YAML config (or the defaults when path is None) and applies dotted overrides."""
+    return build(_read_chain(Path(path)) if path is not None else [], overrides)
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    return build([(source, data)])
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    m, t = cfg.model, cfg.train
+
+    def fail(key: str, why: str):
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    for key, val in [("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+                     ("model.context", m.context), ("model.vocab_size", m.vocab_size),
+                     ("train.batch_size", t.batch_size), ("train.steps", t.steps)]:
+        if val < 1:
+            fail(key, f"must be >= 1, got {val}")
+    if m.d_model % m.n_heads:
+        fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.vocab_size > MAX_VOCAB:
+        fail("model.vocab_size", f"{m.vocab_size} exceeds {MAX_VOCAB} (tokens are stored as uint16)")
+    if m.positions not in POSITIONS:
+        fail("model.positions", f"{m.positions!r} is not one of {', '.join(POSITIONS)}")
+    if m.pos_table not in POS_TABLES:
+        fail("model.pos_table", f"{m.pos_table!r} is not one of {', '.join(POS_TABLES)}")
+    for key, val in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
+        if val not in DTYPES:
+            fail(key, f"{val!r} is not one of {', '.join(DTYPES)}")
+    if m.d_mlp < 0:
+        fail("model.d_mlp", f"must be >= 0, got {m.d_mlp}")
+    if not 0 <= m.local_heads <= m.n_heads:
+        fail("model.local_heads", f"{m.local_heads} is not between 0 and model.n_heads={m.n_heads}")
+    if m.local_heads and not 1 <= m.local_window <= m.context:
+        fail("model.local_window", f"{m.local_window} must be between 1 and model.context={m.context}")
+    if m.smeared_key:
+        if m.positions == "rotary":
+            fail("model.smeared_key", "cannot be combined with rotary positions (it would mix keys rotated "
+                 "to different positions)")
+        if not 0.0 < m.smear_init < 1.0:
+            fail("model.smear_init", f"{m.smear_init} must be strictly between 0 and 1 (it is sigma(alpha))")
+    if m.positions == "rotary" and m.d_head % 2:
+        fail("model.n_heads", f"rotary positions need an even d_head, got {m.d_head}")
+    if t.decay not in ("constant", "cosine"):
+        fail("train.decay", f"{t.decay!r} is not one of constant, cosine")
+    if t.resume_every < 1:
+        fail("train.resume_every", f"must be >= 1, got {t.resume_every}")
+    if not 0 < cfg.data.eval_fraction < 1:
+        fail("data.eval_fraction", f"{cfg.data.eval_fraction} must be strictly between 0 and 1")
+    if not cfg.data.sources:
+        fail("data.sources", "is empty")
+    if cfg.data.eval_length < 2:
+        fail("data.eval_length", f"must be >= 2, got {cfg.data.eval_length}")
+    p2 = cfg.snapshots.powers_of_two
+    if p2 and (len(p2) != 2 or p2[0] > p2[1] or p2[0] < 0):
+        fail("snapshots.powers_of_two", f"{list(p2)} must be [a, b] with 0 <= a <= b")
+    for key, val in [("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp), ("mesh.tensor", cfg.mesh.tensor)]:
+        if val == 0 or val < -1:
+            fail(key, f"must be a positive size or -1 (fill), got {val}")
+    if m.n_heads % max(cfg.mesh.tensor, 1):
+        fail("mesh.tensor", f"{cfg.mesh.tensor} does not divide model.n_heads={m.n_heads}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ, as 'key: a -> b'."""
+    out = []
+    da, db = to_dict(a), to_dict(b)
+    for section in da:
+        for k in da[section]:
+            if da[section][k] != db[section][k]:
+                out.append(f"{section}.{k}: {da[section][k]!r} -> {db[section][k]!r}")
+    return out

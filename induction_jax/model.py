@@ -1,0 +1,255 @@
+"""The transformer families of the paper, in flax.linen with pure init/apply.
+
+`Transformer.__call__(tokens_BT, head_mask=None, patterns=None, capture=())`:
+- `head_mask_LH` multiplies each head's result vector (its attention output after W_O) before the residual add;
+- `patterns_LBHQK` replaces every attention pattern (pattern-preserving ablations freeze them this way);
+- `capture` names intermediates to return: "patterns" [L,B,H,Q,K], "head_results" [L,B,T,H,D],
+  "resid" [L+1,B,T,D] (the residual stream entering each layer, then the final one).
+Returns logits_BTV, or (logits_BTV, captured dict) when `capture` is non-empty.
+
+Positions: "shortformer" adds a table to the LayerNorm'd query and key inputs only (as TransformerLens's
+`shortformer`), so nothing positional ever enters the residual stream or the value path; "learned" adds it to the
+residual stream; "rotary" rotates queries and keys; "none" has no positional signal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+CAPTURES = ("patterns", "head_results", "resid")
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def sinusoidal_table(context: int, d_model: int) -> np.ndarray:
+    pos = np.arange(context)[:, None]
+    inv = 1.0 / (10_000 ** (np.arange(0, d_model, 2) / d_model))
+    table = np.zeros((context, d_model), np.float32)
+    table[:, 0::2] = np.sin(pos * inv)
+    table[:, 1::2] = np.cos(pos * inv)[:, : d_model // 2]
+    return table
+
+
+def rotate(x_BTHd: jax.Array) -> jax.Array:
+    """Rotary position embedding over the two halves of d_head."""
+    t, d = x_BTHd.shape[1], x_BTHd.shape[-1]
+    inv = 1.0 / (10_000 ** (jnp.arange(0, d // 2) / (d // 2)))
+    ang_TF = jnp.arange(t)[:, None] * inv[None, :]
+    cos, sin = jnp.cos(ang_TF)[None, :, None, :], jnp.sin(ang_TF)[None, :, None, :]
+    a, b = x_BTHd[..., : d // 2], x_BTHd[..., d // 2:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x_BTHd.dtype)
+
+
+def attention_mask(cfg: ModelConfig, t: int) -> np.ndarray:
+    """[H, Q, K] boolean: causal for dense heads, causal and within the window for the last `local_heads`."""
+    q, k = np.arange(t)[:, None], np.arange(t)[None, :]
+    causal = k <= q
+    local = causal & (q - k < cfg.local_window)
+    is_local = np.arange(cfg.n_heads) >= cfg.n_heads - cfg.local_heads
+    return np.where(is_local[:, None, None], local[None], causal[None])
+
+
+def _param(module: nn.Module, name: str, shape: Sequence[int], axes: tuple, init):
+    cfg = module.cfg
+    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), _dtype(cfg.param_dtype))
+
+
+class LayerNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        if not self.cfg.layer_norm:
+            return x_BTD
+        x = x_BTD.astype(jnp.float32)
+        x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.cfg.ln_eps)
+        w = _param(self, "scale", (self.cfg.d_model,), ("embed",), nn.initializers.ones)
+        b = _param(self, "bias", (self.cfg.d_model,), ("embed",), nn.initializers.zeros)
+        return (x * w + b).astype(_dtype(self.cfg.dtype))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool):
+        cfg = self.cfg
+        d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+        cdt = _dtype(cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        w_q = _param(self, "W_Q", (d, h, dh), ("embed", "heads", "head_dim"), init).astype(cdt)
+        w_k = _param(self, "W_K", (d, h, dh), ("embed", "heads", "head_dim"), init).astype(cdt)
+        w_v = _param(self, "W_V", (d, h, dh), ("embed", "heads", "head_dim"), init).astype(cdt)
+        w_o = _param(self, "W_O", (h, dh, d), ("heads", "head_dim", "embed"), init).astype(cdt)
+
+        qk_in_BTD = x_BTD if pos_TD is None else x_BTD + pos_TD[None].astype(cdt)
+        if cfg.smeared_key:
+            s0 = math.log(cfg.smear_init / (1 - cfg.smear_init))
+            alpha_H = _param(self, "smear", (h,), ("heads",), nn.initializers.constant(s0))
+        v_BTHd = jnp.einsum("btd,dhe->bthe", x_BTD, w_v)
+        if pattern_BHQK is None:
+            q_BTHd = jnp.einsum("btd,dhe->bthe", qk_in_BTD, w_q)
+            k_BTHd = jnp.einsum("btd,dhe->bthe", qk_in_BTD, w_k)
+            if cfg.positions == "rotary":
+                q_BTHd, k_BTHd = rotate(q_BTHd), rotate(k_BTHd)
+            if cfg.smeared_key:
+                s = jax.nn.sigmoid(alpha_H.astype(jnp.float32)).astype(cdt)[None, None, :, None]
+                # j = 0 has no predecessor: pairing it with itself leaves it unmixed.
+                prev_BTHd = jnp.concatenate([k_BTHd[:, :1], k_BTHd[:, :-1]], axis=1)
+                k_BTHd = s * k_BTHd + (1 - s) * prev_BTHd
+            scores_BHQK = jnp.einsum("bqhe,bkhe->bhqk", q_BTHd, k_BTHd).astype(jnp.float32) / math.sqrt(dh)
+            mask_HQK = attention_mask(cfg, x_BTD.shape[1])
+            scores_BHQK = jnp.where(mask_HQK[None], scores_BHQK, jnp.finfo(jnp.float32).min)
+            pattern_BHQK = jax.nn.softmax(scores_BHQK, axis=-1)
+        z_BTHd = jnp.einsum("bhqk,bkhe->bqhe", pattern_BHQK.astype(cdt), v_BTHd)
+        if head_mask_H is not None:
+            z_BTHd = z_BTHd * head_mask_H.astype(cdt)[None, None, :, None]
+        out_BTD = jnp.einsum("bqhe,hed->bqd", z_BTHd, w_o)
+        results_BTHD = jnp.einsum("bqhe,hed->bqhd", z_BTHd, w_o) if want_results else None
+        return out_BTD, pattern_BHQK, results_BTHD
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        cdt = _dtype(cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        w_in = _param(self, "W_in", (cfg.d_model, cfg.d_mlp), ("embed", "mlp"), init).astype(cdt)
+        b_in = _param(self, "b_in", (cfg.d_mlp,), ("mlp",), nn.initializers.zeros).astype(cdt)
+        w_out = _param(self, "W_out", (cfg.d_mlp, cfg.d_model), ("mlp", "embed"), init).astype(cdt)
+        b_out = _param(self, "b_out", (cfg.d_model,), ("embed",), nn.initializers.zeros).astype(cdt)
+        hidden = nn.gelu(jnp.einsum("btd,dm->btm", x_BTD, w_in) + b_in)
+        return jnp.einsum("btm,md->btd", hidden, w_out) + b_out
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool):
+        attn_out, pattern, results = Attention(self.cfg, name="attn")(
+            LayerNorm(self.cfg, name="ln1")(x_BTD), pos_TD, head_mask_H, pattern_BHQK, want_results)
+        x_BTD = x_BTD + attn_out
+        if self.cfg.d_mlp:
+            x_BTD = x_BTD + MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln2")(x_BTD))
+        return x_BTD, pattern, results
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, head_mask=None, patterns=None, capture: Sequence[str] = ()):
+        cfg = self.cfg
+        unknown = set(capture) - set(CAPTURES)
+        if unknown:
+            raise ValueError(f"capture: unknown {sorted(unknown)}; choose from {CAPTURES}")
+        t = tokens_BT.shape[1]
+        if t > cfg.context:
+            raise ValueError(f"tokens: sequence length {t} exceeds model.context={cfg.context}")
+        cdt = _dtype(cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        w_e = _param(self, "W_E", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), init)
+        x_BTD = jnp.take(w_e, tokens_BT, axis=0).astype(cdt)
+
+        pos_TD = None
+        if cfg.positions in ("shortformer", "learned"):
+            if cfg.pos_table == "sinusoidal":
+                pos_TD = jnp.asarray(sinusoidal_table(cfg.context, cfg.d_model))[:t]
+            else:
+                pos_TD = _param(self, "W_pos", (cfg.context, cfg.d_model), (None, "embed"), init)[:t]
+            if cfg.positions == "learned":
+                x_BTD = x_BTD + pos_TD[None].astype(cdt)
+                pos_TD = None
+
+        want_results = "head_results" in capture
+        pats, results, resid = [], [], []
+        for layer in range(cfg.n_layers):
+            resid.append(x_BTD)
+            x_BTD, pat, res = Block(cfg, name=f"block_{layer}")(
+                x_BTD, pos_TD,
+                None if head_mask is None else head_mask[layer],
+                None if patterns is None else patterns[layer],
+                want_results)
+            pats.append(pat)
+            results.append(res)
+        resid.append(x_BTD)
+        x_BTD = LayerNorm(cfg, name="ln_final")(x_BTD)
+        w_u = _param(self, "W_U", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init).astype(cdt)
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_u).astype(jnp.float32)
+        if not capture:
+            return logits_BTV
+        out = {}
+        if "patterns" in capture:
+            out["patterns"] = jnp.stack(pats)
+        if want_results:
+            out["head_results"] = jnp.stack(results)
+        if "resid" in capture:
+            out["resid"] = jnp.stack(resid)
+        return logits_BTV, out
+
+
+def make(cfg: ModelConfig) -> Transformer:
+    return Transformer(cfg)
+
+
+def _abstract_boxed(cfg: ModelConfig):
+    tokens = jax.ShapeDtypeStruct((1, min(cfg.context, 8)), jnp.int32)
+    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens))["params"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Parameters as plain arrays (logical axis boxes removed)."""
+    tokens = jnp.zeros((1, min(cfg.context, 8)), jnp.int32)
+    return nn.unbox(Transformer(cfg).init(rng, tokens)["params"])
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """ShapeDtypeStructs of the parameters, computed without allocating them."""
+    return nn.unbox(_abstract_boxed(cfg))
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+    """A PartitionSpec of logical axis names per parameter (embed, heads, head_dim, mlp, vocab)."""
+    return nn.get_partition_spec(_abstract_boxed(cfg))
+
+
+def count_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
+    """Parameter count from shapes alone; `embedding=False` leaves out W_E, W_U and W_pos (the paper's count)."""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
+    total = 0
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        if not embedding and any(k in name for k in ("W_E", "W_U", "W_pos")):
+            continue
+        total += int(np.prod(leaf.shape))
+    return total
+
+
+def token_losses(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """Per-token cross-entropy [B, T-1]; column i is the loss of predicting token index i+1 from tokens 0..i.
+
+    Throughout the project a "token index" is the 0-based index of the predicted token, so the loss at token
+    index j is column j-1 (see `loss_at`).
+    """
+    logp = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, tokens_BT[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def loss_at(losses_BT, index: int):
+    """The column of `token_losses` holding the loss at (predicted) token index `index`."""
+    return losses_BT[..., index - 1]
