@@ -21,7 +21,11 @@ POS_TABLES = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user gave (file, key, value, directory); commands print its one-line message."""
+
+
+class ConfigError(UserError):
     """A user mistake in a config file or override; the message is a single line."""
 
 
