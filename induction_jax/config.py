@@ -178,9 +178,19 @@ def build(layers: Sequence[tuple[str, dict]] = (), overrides: Sequence[str] = ()
     return cfg
 
 
+def resolve_path(path: str | Path) -> Path:
+    """A config path as given, or else relative to the project checkout (so `configs/...` works anywhere)."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute():
+        shipped = Path(__file__).resolve().parent.parent / path
+        if shipped.exists():
+            return shipped
+    return path
+
+
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Loads a YAML config (or the defaults when path is None) and applies dotted overrides."""
-    return build(_read_chain(Path(path)) if path is not None else [], overrides)
+    return build(_read_chain(resolve_path(path)) if path is not None else [], overrides)
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Config:
