@@ -152,35 +152,55 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.cfg
+        init = nn.initializers.normal(cfg.init_std)
+        self.W_E = _param(self, "W_E", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), init)
+        if cfg.positions in ("shortformer", "learned") and cfg.pos_table == "learned":
+            self.W_pos = _param(self, "W_pos", (cfg.context, cfg.d_model), (None, "embed"), init)
+        self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+        self.ln_final = LayerNorm(cfg, name="ln_final")
+        self.W_U = _param(self, "W_U", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init)
+
+    def positions(self, t: int):
+        """The table added to the query/key inputs of every layer (shortformer), or None."""
+        cfg = self.cfg
+        if cfg.positions not in ("shortformer", "learned"):
+            return None
+        if cfg.pos_table == "sinusoidal":
+            return jnp.asarray(sinusoidal_table(cfg.context, cfg.d_model))[:t]
+        return self.W_pos[:t]
+
+    def embed(self, tokens_BT):
+        """The residual stream entering layer 0."""
+        cfg = self.cfg
+        t = tokens_BT.shape[1]
+        if t > cfg.context:
+            raise ValueError(f"tokens: sequence length {t} exceeds model.context={cfg.context}")
+        x_BTD = jnp.take(self.W_E, tokens_BT, axis=0).astype(_dtype(cfg.dtype))
+        if cfg.positions == "learned":
+            x_BTD = x_BTD + self.positions(t)[None].astype(x_BTD.dtype)
+        return x_BTD
+
     def __call__(self, tokens_BT, head_mask=None, patterns=None, capture: Sequence[str] = ()):
+        return self.run_from(0, self.embed(tokens_BT), head_mask, patterns, capture)
+
+    def run_from(self, first_layer: int, x_BTD, head_mask=None, patterns=None, capture: Sequence[str] = ()):
+        """Layers first_layer.. on the residual stream x_BTD entering first_layer, then the unembedding.
+
+        head_mask and patterns are indexed by absolute layer (they cover all n_layers); captures cover the layers
+        run. Ablations use this to skip the layers before the ablated head, which an ablation cannot change.
+        """
         cfg = self.cfg
         unknown = set(capture) - set(CAPTURES)
         if unknown:
             raise ValueError(f"capture: unknown {sorted(unknown)}; choose from {CAPTURES}")
-        t = tokens_BT.shape[1]
-        if t > cfg.context:
-            raise ValueError(f"tokens: sequence length {t} exceeds model.context={cfg.context}")
-        cdt = _dtype(cfg.dtype)
-        init = nn.initializers.normal(cfg.init_std)
-        w_e = _param(self, "W_E", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), init)
-        x_BTD = jnp.take(w_e, tokens_BT, axis=0).astype(cdt)
-
-        pos_TD = None
-        if cfg.positions in ("shortformer", "learned"):
-            if cfg.pos_table == "sinusoidal":
-                pos_TD = jnp.asarray(sinusoidal_table(cfg.context, cfg.d_model))[:t]
-            else:
-                pos_TD = _param(self, "W_pos", (cfg.context, cfg.d_model), (None, "embed"), init)[:t]
-            if cfg.positions == "learned":
-                x_BTD = x_BTD + pos_TD[None].astype(cdt)
-                pos_TD = None
-
+        pos_TD = self.positions(x_BTD.shape[1]) if cfg.positions == "shortformer" else None
         want_results = "head_results" in capture
         pats, results, resid = [], [], []
-        for layer in range(cfg.n_layers):
+        for layer in range(first_layer, cfg.n_layers):
             resid.append(x_BTD)
-            x_BTD, pat, res = Block(cfg, name=f"block_{layer}")(
+            x_BTD, pat, res = self.blocks[layer](
                 x_BTD, pos_TD,
                 None if head_mask is None else head_mask[layer],
                 None if patterns is None else patterns[layer],
@@ -188,9 +208,7 @@ class Transformer(nn.Module):
             pats.append(pat)
             results.append(res)
         resid.append(x_BTD)
-        x_BTD = LayerNorm(cfg, name="ln_final")(x_BTD)
-        w_u = _param(self, "W_U", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init).astype(cdt)
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_u).astype(jnp.float32)
+        logits_BTV = self.unembed(x_BTD)
         if not capture:
             return logits_BTV
         out = {}
@@ -201,6 +219,10 @@ class Transformer(nn.Module):
         if "resid" in capture:
             out["resid"] = jnp.stack(resid)
         return logits_BTV, out
+
+    def unembed(self, x_BTD):
+        x_BTD = self.ln_final(x_BTD)
+        return jnp.einsum("btd,dv->btv", x_BTD, self.W_U.astype(x_BTD.dtype)).astype(jnp.float32)
 
 
 def make(cfg: ModelConfig) -> Transformer:
