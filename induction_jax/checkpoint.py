@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from .config import UserError
+
 STATE_DIR = "state"
 SNAPSHOTS_DIR = "snapshots"
 _STATE, _EXTRA = "state", "extra"
@@ -33,12 +35,12 @@ _PARAMS, _META = "params", "meta"
 _sigterm = threading.Event()
 
 
-class SnapshotError(ValueError):
+class SnapshotError(UserError):
     """A snapshot that cannot be read (missing, truncated, corrupted, or of another model); one-line message that
     names its path, so a caller can skip it."""
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A directory that is not a run directory; one-line message naming it."""
 
 
