@@ -1,0 +1,144 @@
+"""Per-token losses on the fixed eval set, the ICL score and the loss views of DESIGN §1.3.
+
+Convention (as in model.token_losses): a loss array `losses_NL` has L = T - 1 columns and column c holds the loss
+at token index c + 1, the 0-based index of the predicted token. Token index 0 has no loss.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import heads
+from .config import EvalConfig
+from .model import token_losses
+
+PAPER_LENGTH = 512  # the paper's eval windows; its ICL indices 50 and 500 refer to this length
+
+
+def icl_indices(length: int, early: int = 50, late: int = 500) -> tuple[int, int]:
+    """The token indices of the ICL score for eval windows of `length` tokens.
+
+    At length >= 512 the paper's (early, late); below, floor(early * T / 512) and floor(late * T / 512), so both keep
+    their relative place in the window. Raises when the early index would fall on token 0, which has no loss.
+    """
+    if length >= PAPER_LENGTH:
+        e, l = early, late
+    else:
+        e, l = early * length // PAPER_LENGTH, late * length // PAPER_LENGTH
+    if not 1 <= e < l <= length - 1:
+        raise ValueError(f"icl_indices: eval length {length} gives token indices ({e}, {l}); need 1 <= early < late "
+                         f"<= {length - 1}")
+    return e, l
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _batch_losses(model, params, tokens_BT):
+    return token_losses(model.apply({"params": params}, tokens_BT), tokens_BT)
+
+
+def per_token_losses(model, params, tokens_NL, batch_size: int, *, progress: bool = False,
+                     sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
+    """float32 [N, T - 1]: the loss at every token index of every example; column c is token index c + 1.
+
+    One jitted call per batch of `batch_size` examples; the last batch is padded (so there is one compiled shape)
+    and the padding rows dropped. `sharding`, when given, places each batch (e.g. split over a data axis);
+    `batch_size` must then divide evenly over it.
+    """
+    tokens_NL = np.asarray(tokens_NL, np.int32)
+    n, t = tokens_NL.shape
+    out_NL = np.empty((n, t - 1), np.float32)
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="per-token losses", unit="batch")
+    for start in starts:
+        batch_BT = tokens_NL[start: start + batch_size]
+        rows = batch_BT.shape[0]
+        if rows < batch_size:
+            batch_BT = np.concatenate([batch_BT, np.zeros((batch_size - rows, t), np.int32)])
+        batch_BT = jax.device_put(batch_BT, sharding) if sharding is not None else jnp.asarray(batch_BT)
+        out_NL[start: start + rows] = np.asarray(_batch_losses(model, params, batch_BT))[:rows]
+    return out_NL
+
+
+def _band(losses_NL, index: int, window: int):
+    """Mean over examples' loss at token indices index-window .. index+window, clipped to the valid 1..L."""
+    n_indices = losses_NL.shape[-1]
+    lo, hi = max(1, index - window), min(n_indices, index + window)
+    return losses_NL[..., lo - 1: hi].mean(axis=-1)
+
+
+def icl_score(losses_NL, early: int, late: int, window: int = 0):
+    """Mean over examples of (loss at token index `late`) - (loss at token index `early`); more negative = more ICL.
+
+    window > 0 replaces each single index by the mean over indices within +-window (clipped to the valid range),
+    which the live probe uses to steady a score taken on few examples. Works on numpy and (under jit) jax arrays.
+    """
+    n_indices = losses_NL.shape[-1]
+    for name, idx in (("early", early), ("late", late)):
+        if not 1 <= idx <= n_indices:
+            raise ValueError(f"icl_score: {name} token index {idx} outside 1..{n_indices}")
+    return (_band(losses_NL, late, window) - _band(losses_NL, early, window)).mean()
+
+
+def loss_by_index(losses_NL) -> np.ndarray:
+    """float32 [T - 1]: view (a), the mean loss at each token index (entry c = token index c + 1)."""
+    return np.asarray(losses_NL, np.float32).mean(axis=0)
+
+
+def random_token_indices(n_examples: int, length: int, seed: int = 0) -> np.ndarray:
+    """int32 [N]: one token index in 1..length-1 per example, fixed by `seed` (view (b)'s positions)."""
+    return np.random.default_rng(seed).integers(1, length, size=n_examples).astype(np.int32)
+
+
+def random_token_view(losses_NL, random_index_N) -> np.ndarray:
+    """float32 [N]: view (b), each example's loss at its own fixed random token index."""
+    losses_NL = np.asarray(losses_NL, np.float32)
+    index_N = np.asarray(random_index_N)
+    if index_N.min() < 1 or index_N.max() > losses_NL.shape[1]:
+        raise ValueError(f"random_token_view: token indices must lie in 1..{losses_NL.shape[1]}")
+    return losses_NL[np.arange(losses_NL.shape[0]), index_N - 1]
+
+
+def dloss_dlog_index(loss_by_index_I, n_bins: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """View (d): d loss / d log(token index), on log-spaced bins of token indices.
+
+    `loss_by_index_I` is [..., I] (entry c = token index c + 1; leading axes, e.g. snapshots, are kept). Indices are
+    grouped into at most `n_bins` bins with geometric edges (the raw per-index curve is too noisy at large index
+    to difference), each bin's mean loss is placed at the geometric mean of its indices, and np.gradient
+    differentiates against log of those centres. Returns (centres [B], derivative [..., B]) in nats per unit
+    log index (per factor e of context).
+    """
+    loss_I = np.asarray(loss_by_index_I, np.float64)
+    n = loss_I.shape[-1]
+    edges = np.unique(np.floor(np.geomspace(1, n + 1, n_bins + 1)).astype(np.int64))
+    edges[0], edges[-1] = 1, n + 1  # the ends exactly, whatever geomspace rounds to
+    if edges.size < 3:
+        raise ValueError(f"dloss_dlog_index: {n} token indices give fewer than 2 bins")
+    index_I = np.arange(1, n + 1)
+    centres, binned = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        centres.append(np.exp(np.log(index_I[lo - 1: hi - 1]).mean()))
+        binned.append(loss_I[..., lo - 1: hi - 1].mean(axis=-1))
+    centres_B = np.asarray(centres)
+    dloss_B = np.gradient(np.stack(binned, axis=-1), np.log(centres_B), axis=-1)
+    return centres_B.astype(np.float32), dloss_B.astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "eval_cfg"))
+def probe(model, params, tokens_NL, prefix_tokens_BT, eval_cfg: EvalConfig) -> dict:
+    """The training loop's live probe, one jitted call: ICL score (+-icl_window) and prefix matching.
+
+    tokens_NL: a small fixed subset of the eval set; prefix_tokens_BT: from `heads.prefix_matching_tokens` (drawn
+    once, so successive probes are comparable). Returns {"icl": scalar, "prefix_max": scalar, "prefix": [L, H]}.
+    """
+    early, late = icl_indices(tokens_NL.shape[1], eval_cfg.icl_early, eval_cfg.icl_late)
+    losses_NL = token_losses(model.apply({"params": params}, tokens_NL), tokens_NL)
+    patterns_LBHQK = model.apply({"params": params}, prefix_tokens_BT, capture=("patterns",))[1]["patterns"]
+    prefix_LH = heads.prefix_matching_from_patterns(patterns_LBHQK, prefix_tokens_BT, 1 + eval_cfg.prefix_tokens)
+    return {"icl": icl_score(losses_NL, early, late, eval_cfg.icl_window), "prefix_max": prefix_LH.max(),
+            "prefix": prefix_LH}

@@ -1,0 +1,277 @@
+"""Per-head evaluators of Olsson et al. (2022), DESIGN §1.4: prefix matching, copying, previous token, QK trace.
+
+Every evaluator scores all heads of all layers at once (one forward pass per batch, head axes kept in the einsums)
+and returns float32 [n_layers, n_heads]. The randomised ones average over `eval_cfg.draws` draws of random tokens
+from a caller-supplied sampler `sample(rng, shape) -> int array` (rng: a numpy Generator), so the data module's
+sampler, which leaves out the most and least common tokens of the corpus, plugs in; `uniform_sampler` is the
+plain default for tests and toy models.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import EvalConfig, ModelConfig
+
+Sampler = Callable[[np.random.Generator, tuple], np.ndarray]
+
+
+def uniform_sampler(vocab_size: int, exclude=()) -> Sampler:
+    """Uniform draws over [0, vocab_size) minus `exclude` (e.g. the BOS id)."""
+    pool_P = np.setdiff1d(np.arange(vocab_size), np.asarray(exclude, dtype=np.int64))
+    return lambda rng, shape: pool_P[rng.integers(0, pool_P.size, size=shape)].astype(np.int32)
+
+
+def _generator(rng) -> np.random.Generator:
+    return np.random.default_rng(rng)  # passes a Generator through unchanged, seeds one from an int
+
+
+def _check_length(cfg: ModelConfig, t: int, what: str) -> None:
+    if t > cfg.context:
+        raise ValueError(f"{what}: needs {t} tokens but model.context={cfg.context}")
+
+
+# --------------------------------------------------------------------------------------------- prefix matching
+
+def prefix_matching_tokens(eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.ndarray:
+    """int32 [draws, 1 + prefix_tokens * repeats]: BOS, then `prefix_tokens` random tokens repeated `repeats` times."""
+    seq_BN = np.asarray(sample(_generator(rng), (eval_cfg.draws, eval_cfg.prefix_tokens)), np.int32)
+    bos_B1 = np.full((eval_cfg.draws, 1), bos_id, np.int32)
+    return np.concatenate([bos_B1, np.tile(seq_BN, (1, eval_cfg.repeats))], axis=1)
+
+
+def prefix_matching_from_patterns(patterns_LBHQK: jax.Array, tokens_BT: jax.Array, first_query: int) -> jax.Array:
+    """[L, H]: mean over queries q >= first_query of the attention mass on {k + 1 : k < q, token k == token q}.
+
+    Jittable (first_query static), so the training loop's live probe can reuse it. Position 0 (BOS) never counts
+    as an earlier occurrence. Duplicates inside the random block are handled: every earlier occurrence counts.
+    """
+    t = tokens_BT.shape[1]
+    q_Q, k_K = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    earlier_QK = (k_K < q_Q) & (k_K >= 1)
+    occurrence_BQK = (tokens_BT[:, :, None] == tokens_BT[:, None, :]) & earlier_QK[None]
+    # The target is the position after each earlier occurrence: shift the key axis right by one.
+    target_BQK = jnp.pad(occurrence_BQK[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
+    mass_LBHQ = jnp.einsum("lbhqk,bqk->lbhq", patterns_LBHQK.astype(jnp.float32), target_BQK.astype(jnp.float32))
+    n_queries = t - first_query
+    return mass_LBHQ[..., first_query:].sum(axis=(1, 3)) / (tokens_BT.shape[0] * n_queries)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "first_query"))
+def _prefix_matching(model, params, tokens_BT, first_query):
+    patterns_LBHQK = model.apply({"params": params}, tokens_BT, capture=("patterns",))[1]["patterns"]
+    return prefix_matching_from_patterns(patterns_LBHQK, tokens_BT, first_query)
+
+
+def prefix_matching(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.ndarray:
+    """float32 [L, H] prefix-matching scores (DESIGN §1.4), averaged over `eval_cfg.draws` draws.
+
+    Each draw is BOS followed by `prefix_tokens` (25) random tokens repeated `repeats` (4) times. For every query
+    in repeats 2..4, the score is the attention mass on the positions right after earlier occurrences of the
+    query's token; a perfect induction head scores ~1, a uniformly attending head about
+    mean_q(#earlier occurrences / (q + 1)).
+    """
+    tokens_BT = prefix_matching_tokens(eval_cfg, sample, bos_id, rng)
+    _check_length(model.cfg, tokens_BT.shape[1], "prefix_matching")
+    first_query = 1 + eval_cfg.prefix_tokens
+    return np.asarray(_prefix_matching(model, params, jnp.asarray(tokens_BT), first_query), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- copying
+
+def _layer_norm(x_BTD: jax.Array, ln: dict | None, cfg: ModelConfig) -> jax.Array:
+    """The model's LayerNorm, recomputed in float32 (identity when the model has none)."""
+    if not cfg.layer_norm:
+        return x_BTD
+    x = x_BTD - x_BTD.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.ln_eps)
+    return x * ln["scale"].astype(jnp.float32) + ln["bias"].astype(jnp.float32)
+
+
+def _stack(params: dict, cfg: ModelConfig, name: str) -> jax.Array:
+    return jnp.stack([params[f"block_{l}"]["attn"][name] for l in range(cfg.n_layers)]).astype(jnp.float32)
+
+
+def source_outputs(cfg: ModelConfig, params: dict, resid_LBTD: jax.Array) -> jax.Array:
+    """[L, B, T, H, D]: what each head would write if it attended only to source position t, i.e. LN1(x_t) W_V W_O.
+
+    The head's result vector at query q is sum_t pattern[q, t] * this (positions never enter the value path, also
+    not with shortformer positions, so this is exact for every position scheme).
+    """
+    ln_in_LBTD = jnp.stack([_layer_norm(resid_LBTD[l].astype(jnp.float32), params[f"block_{l}"].get("ln1"), cfg)
+                            for l in range(cfg.n_layers)])
+    value_LBTHE = jnp.einsum("lbtd,ldhe->lbthe", ln_in_LBTD, _stack(params, cfg, "W_V"))
+    return jnp.einsum("lbthe,lhef->lbthf", value_LBTHE, _stack(params, cfg, "W_O"))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _copying(model, params, tokens_BT):
+    cfg = model.cfg
+    cap = model.apply({"params": params}, tokens_BT, capture=("patterns", "resid"))[1]
+    pattern_LBHQK = cap["patterns"].astype(jnp.float32)
+    resid_LBTD = cap["resid"].astype(jnp.float32)
+    # BOS (position 0) is where idle heads rest: it is neither a source nor one of the sample's tokens.
+    out_LBKHD = source_outputs(cfg, params, resid_LBTD[:-1])[:, :, 1:]
+    sample_BK = tokens_BT[:, 1:]
+
+    if cfg.layer_norm:
+        # Direct path through ln_final: the centring and learned scale act on the head's own vector; the
+        # normalisation divides by the full residual's standard deviation at the query, sigma_q (the bias
+        # belongs to no head).
+        final_BTD = resid_LBTD[-1]
+        final_BTD = final_BTD - final_BTD.mean(-1, keepdims=True)
+        inv_sigma_BQ = jax.lax.rsqrt((final_BTD * final_BTD).mean(-1) + cfg.ln_eps)
+        out_LBKHD = (out_LBKHD - out_LBKHD.mean(-1, keepdims=True)) * params["ln_final"]["scale"].astype(jnp.float32)
+    else:
+        inv_sigma_BQ = jnp.ones(tokens_BT.shape, jnp.float32)
+
+    w_u_DV = params["W_U"].astype(jnp.float32)
+    # Only the logits of the sample's tokens and the mean logit are needed, so no [.., vocab] array is formed.
+    logit_LBKHJ = jnp.einsum("lbkhd,dbj->lbkhj", out_LBKHD, w_u_DV[:, sample_BK])
+    mean_LBKH = jnp.einsum("lbkhd,d->lbkh", out_LBKHD, w_u_DV.mean(axis=1))
+    raise_LBKHJ = jax.nn.relu(logit_LBKHJ - mean_LBKH[..., None])
+
+    n = sample_BK.shape[1]
+    own_LBHK = jnp.diagonal(raise_LBKHJ, axis1=2, axis2=4)  # raise on the source's own token (j = k)
+    j_J, k_K = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    repeated_BJ = ((sample_BK[:, :, None] == sample_BK[:, None, :]) & (k_K < j_J)[None]).any(-1)
+    all_LBKH = jnp.einsum("lbkhj,bj->lbkh", raise_LBKHJ, (~repeated_BJ).astype(jnp.float32))
+
+    # Each source counts with the attention it receives, in ln_final's scale at the query that reads it.
+    weight_LBHK = jnp.einsum("lbhqk,bq->lbhk", pattern_LBHQK[..., 1:], inv_sigma_BQ)
+    num_LBH = jnp.einsum("lbhk,lbhk->lbh", weight_LBHK, own_LBHK)
+    den_LBH = num_LBH + jnp.einsum("lbhk,lbkh->lbh", weight_LBHK, all_LBKH)
+    r_LBH = jnp.where(den_LBH > 0, num_LBH / jnp.where(den_LBH > 0, den_LBH, 1.0), jnp.nan)
+    return (4.0 * r_LBH - 1.0).mean(axis=1)
+
+
+def copying(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.ndarray:
+    """float32 [L, H] copying scores in [-1, 1] (DESIGN §1.4), averaged over `eval_cfg.draws` draws.
+
+    Each draw is BOS followed by `prefix_tokens` (25) random tokens x_1..x_n. The paper omitted the BOS token here
+    by mistake and says it should have been used; we use it, so that a head with nothing to do can rest on it
+    rather than being forced onto the sample. For a head (l, h):
+
+    - o_k = LN1_l(resid_l[k]) W_V W_O is what the head writes when it reads source k (k = 1..n); its result vector
+      at query q is exactly sum_k A[q, k] o_k (A: the head's attention pattern; BOS's share is left out).
+    - Direct path: d_k = ((o_k - mean_D o_k) * gamma_final) W_U is o_k's share of the logits through ln_final
+      (its centring and learned scale; the residual's normalisation 1/sigma_q at the reading query is a positive
+      per-query factor and goes into the weight below; ln_final's bias belongs to no head). Without LayerNorm,
+      d_k = o_k W_U and sigma_q = 1.
+    - Raise: rho_k = ReLU(d_k - mean_vocab d_k).
+    - a_k = rho_k[x_k], the raise on the attended-to token; s_k = sum over the distinct tokens u of the sample of
+      rho_k[u], the raise on all tokens of this sample (it contains a_k).
+    - w_k = sum_q A[q, k] / sigma_q, how much of o_k actually reaches the logits.
+    - r = sum_k w_k a_k / sum_k w_k (a_k + s_k), in [0, 0.5]: 0.5 when the head raises only the attended token
+      (then s_k = a_k), 0 when it raises only other tokens of the sample.
+    - score = (r - 0.25) / 0.25 = 4 r - 1, the linear map of [0, 0.5] onto [-1, 1]; averaged over draws.
+
+    ReLU is applied to each source's share d_k rather than to the attention-weighted sum: a head that splits its
+    attention between tokens still copies each of them, and should not be scored by how sharply it attends (on
+    random tokens nothing tells it where to attend). Chance: a head with random OV raises the attended token like
+    any other, r ~ 1 / (1 + #distinct sample tokens), score ~ -0.85 for 25 tokens. A head that writes nothing
+    (w_k * (a_k + s_k) = 0 for all k) scores NaN.
+    """
+    rng = _generator(rng)
+    sample_BN = np.asarray(sample(rng, (eval_cfg.draws, eval_cfg.prefix_tokens)), np.int32)
+    tokens_BT = np.concatenate([np.full((eval_cfg.draws, 1), bos_id, np.int32), sample_BN], axis=1)
+    _check_length(model.cfg, tokens_BT.shape[1], "copying")
+    return np.asarray(_copying(model, params, jnp.asarray(tokens_BT)), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- previous token
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _previous_token(model, params, tokens_BT):
+    patterns_LBHQK = model.apply({"params": params}, tokens_BT, capture=("patterns",))[1]["patterns"]
+    t = tokens_BT.shape[1]
+    to_previous_LBHQ = patterns_LBHQK[..., jnp.arange(1, t), jnp.arange(0, t - 1)].astype(jnp.float32)
+    return to_previous_LBHQ.mean(-1)
+
+
+def previous_token(model, params, tokens_NL, batch_size: int = 8) -> np.ndarray:
+    """float32 [L, H]: mean over examples and positions i >= 1 of the attention from position i to i - 1.
+
+    `tokens_NL` should be real text from the training distribution (e.g. the start of the eval set). The last
+    batch is padded and the padding rows dropped, so every batch has one compiled shape.
+    """
+    tokens_NL = np.asarray(tokens_NL, np.int32)
+    n, t = tokens_NL.shape
+    if t < 2:
+        raise ValueError(f"previous_token: sequences need at least 2 tokens, got {t}")
+    _check_length(model.cfg, t, "previous_token")
+    total_LH = np.zeros((model.cfg.n_layers, model.cfg.n_heads), np.float64)
+    for start in range(0, n, batch_size):
+        batch_BT = tokens_NL[start: start + batch_size]
+        rows = batch_BT.shape[0]
+        if rows < batch_size:
+            batch_BT = np.concatenate([batch_BT, np.zeros((batch_size - rows, t), np.int32)])
+        per_example_LBH = np.asarray(_previous_token(model, params, jnp.asarray(batch_BT)))
+        total_LH += per_example_LBH[:, :rows].sum(axis=1)
+    return (total_LH / n).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------- QK trace
+
+def _folded(params: dict, cfg: ModelConfig, layer: int, name: str) -> jax.Array:
+    """W_Q/W_K/W_V of `layer` [D, H, E] with ln1's centring and learned scale folded in (C diag(gamma) W)."""
+    w_DHE = params[f"block_{layer}"]["attn"][name].astype(jnp.float32)
+    if not cfg.layer_norm:
+        return w_DHE
+    gamma_D = params[f"block_{layer}"]["ln1"]["scale"].astype(jnp.float32)
+    w_DHE = w_DHE * gamma_D[:, None, None]
+    return w_DHE - w_DHE.mean(axis=0, keepdims=True)  # C = I - 11^T/D, applied to the input side
+
+
+def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndarray:
+    """float32 [L, H]: the previous-token-weighted trace of the K-composition QK circuit (DESIGN §1.4).
+
+    For a head h in layer l >= 1 (0-based) and every head e in an earlier layer, with row-vector weights
+    (q = x W_Q, o = x W_V W_O) the pure token-token K-composition term is the vocab x vocab matrix
+        M_e = W_E W_Q^h (W_K^h)^T (W_O^e)^T (W_V^e)^T W_E^T
+    (M_e[t, s]: how much a query on token t attends to a key whose previous position, read by e, holds token s;
+    in the paper's column convention W_E^T W_QK^h W_OV^e W_E). We report sum_e p_e tr(M_e), p_e = e's
+    previous-token score; positive = same-matching. tr(M_e) = tr(P1 P2) with P1 = (W_K^h)^T (W_O^e)^T
+    [d_head x d_head] and P2 = (W_V^e)^T (W_E^T W_E) W_Q^h, so nothing larger than d_model x d_model is formed.
+
+    Treatment, as in a weight-based analysis: each ln1's centring and learned scale are folded into the weights
+    that read it (TransformerLens's fold_ln); its normalisation (a positive per-token factor) and biases are
+    ignored. Positions (shortformer table, rotary) and smeared keys are ignored: they are not token-token terms.
+    Layer-0 heads, and so every head of a 1-layer model, have no earlier head and get NaN.
+    """
+    n_layers, n_heads = model_cfg.n_layers, model_cfg.n_heads
+    prev_LH = np.asarray(prev_token_scores, np.float32)
+    if prev_LH.shape != (n_layers, n_heads):
+        raise ValueError(f"qk_trace: prev_token_scores has shape {prev_LH.shape}, expected {(n_layers, n_heads)}")
+    out_LH = np.full((n_layers, n_heads), np.nan, np.float32)
+    if n_layers < 2:
+        return out_LH
+    w_e_VD = params["W_E"].astype(jnp.float32)
+    gram_DD = w_e_VD.T @ w_e_VD
+    # The earlier heads' OV circuits, all layers stacked on a flat head axis g = (layer, head).
+    w_v_DGE = jnp.concatenate([_folded(params, model_cfg, l, "W_V") for l in range(n_layers - 1)], axis=1)
+    w_o_GED = jnp.concatenate([params[f"block_{l}"]["attn"]["W_O"].astype(jnp.float32)
+                               for l in range(n_layers - 1)], axis=0)
+    for layer in range(1, n_layers):
+        g = layer * n_heads  # heads of layers 0..layer-1
+        w_q_DHE = _folded(params, model_cfg, layer, "W_Q")
+        w_k_DHE = _folded(params, model_cfg, layer, "W_K")
+        p1_HGEF = jnp.einsum("dhe,gfd->hgef", w_k_DHE, w_o_GED[:g])
+        p2_GHFE = jnp.einsum("dgf,dc,che->ghfe", w_v_DGE[:, :g], gram_DD, w_q_DHE)
+        trace_HG = jnp.einsum("hgef,ghfe->hg", p1_HGEF, p2_GHFE)
+        out_LH[layer] = np.asarray(trace_HG @ jnp.asarray(prev_LH[:layer].reshape(-1)), np.float32)
+    return out_LH
+
+
+# ------------------------------------------------------------------------------------------- classification
+
+def induction_heads(prefix_LH, copying_LH, eval_cfg: EvalConfig) -> np.ndarray:
+    """bool [L, H]: prefix matching above `prefix_threshold` and copying above `copying_threshold` (NaN: False)."""
+    prefix_LH, copying_LH = np.asarray(prefix_LH), np.asarray(copying_LH)
+    with np.errstate(invalid="ignore"):
+        return (prefix_LH > eval_cfg.prefix_threshold) & (copying_LH > eval_cfg.copying_threshold)
