@@ -2,3 +2,14 @@
 heads on every snapshot (Olsson et al. 2022)."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy, so `python -m induction_jax.train` does not import the analysis stack.
+    if name == "Run":
+        from .run import Run
+        return Run
+    raise AttributeError(name)
+
+
+__all__ = ["Run"]

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import model as model_lib
+from .config import UserError
 
 KINDS = ("pattern", "full")
 
@@ -107,3 +108,107 @@ def attribution(delta_ablation_HN: np.ndarray, delta_training_N: np.ndarray) -> 
     cos = (a @ t) / (np.linalg.norm(a, axis=-1) * tn + 1e-12)
     frac = (a @ t) / (tn ** 2 + 1e-12)
     return {"cosine": cos, "fraction_undone": frac}
+
+
+def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """"0.1,1.3" -> [(0, 1), (1, 3)]; one-line error for anything else."""
+    out = []
+    for item in spec.split(","):
+        try:
+            layer, head = (int(x) for x in item.strip().split("."))
+        except ValueError:
+            raise UserError(f"--heads: {item!r} is not LAYER.HEAD (e.g. 1.3)") from None
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise UserError(f"--heads: {item!r} is outside {n_layers} layers x {n_heads} heads")
+        out.append((layer, head))
+    return out
+
+
+def head_masks(heads: list[tuple[int, int]], n_layers: int, n_heads: int) -> np.ndarray:
+    masks = np.ones((len(heads), n_layers, n_heads), np.float32)
+    for i, (layer, head) in enumerate(heads):
+        masks[i, layer, head] = 0.0
+    return masks
+
+
+def ablate_snapshot(ctx, params, masks_MLH: np.ndarray, kind: str) -> tuple[dict, dict]:
+    """Over the whole eval set: per-head change in ICL score and mean loss, the change at each example's random
+    token and the mean change by token index. Returns (record, arrays) for the results store."""
+    from . import evaluate
+    model, tokens_NL, rnd_N = ctx.model, ctx.tokens_NL, ctx.random_index_N
+    early, late = ctx.icl_indices
+    m, n, p = len(masks_MLH), len(tokens_NL), tokens_NL.shape[1] - 1
+    sum_delta_MP = np.zeros((m, p), np.float64)
+    delta_random_MN = np.zeros((m, n), np.float32)
+    icl_clean, icl_ablated_M = 0.0, np.zeros(m, np.float64)
+    bs = ctx.cfg.eval.batch_size
+    for lo in range(0, n, bs):
+        toks = jnp.asarray(tokens_NL[lo: lo + bs])
+        clean = clean_run(model, params, toks)
+        clean_BP = np.asarray(clean[0])
+        abl_MBP = ablated_losses(model, params, toks, masks_MLH, kind=kind, clean=clean)
+        delta_MBP = abl_MBP - clean_BP[None]
+        sum_delta_MP += delta_MBP.sum(axis=1)
+        rows = np.arange(len(toks))
+        delta_random_MN[:, lo: lo + len(toks)] = delta_MBP[:, rows, rnd_N[lo: lo + len(toks)] - 1]
+        icl_clean += float(evaluate.icl_score(clean_BP, early, late)) * len(toks)
+        icl_ablated_M += np.array([float(evaluate.icl_score(a, early, late)) for a in abl_MBP]) * len(toks)
+    icl_clean /= n
+    icl_ablated_M /= n
+    record = {"kind": kind, "clean_icl": icl_clean, "delta_icl": (icl_ablated_M - icl_clean).tolist(),
+              "delta_loss": (sum_delta_MP.sum(axis=1) / (n * p)).tolist(),
+              "masks": [[[int(v) for v in row] for row in mk] for mk in masks_MLH.astype(int)]}
+    return record, {"delta_random": delta_random_MN, "delta_by_index": (sum_delta_MP / n).astype(np.float32)}
+
+
+def ablate_run(ctx, steps=None, kind: str = "pattern", heads: list[tuple[int, int]] | None = None,
+               progress: bool = True) -> str:
+    """Ablates each head (or `heads`) at every committed snapshot not yet done; returns the store section."""
+    from tqdm import tqdm
+    cfg = ctx.cfg.model
+    heads = heads or [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
+    masks = head_masks(heads, cfg.n_layers, cfg.n_heads)
+    section = f"ablation-{kind}"
+    from . import checkpoint
+    for step in tqdm(ctx.pending_steps(section, steps), desc=f"ablate {ctx.run_dir.name}", unit="snapshot",
+                     disable=not progress):
+        try:
+            params = ctx.params(step)
+        except checkpoint.SnapshotError as e:
+            tqdm.write(f"skipped: {e}")
+            continue
+        record, arrays = ablate_snapshot(ctx, params, masks, kind)
+        record["heads"] = [list(h) for h in heads]
+        record["tokens"] = ctx.tokens_at(step)
+        ctx.store.write(section, step, record, arrays)
+    return section
+
+
+def main(argv=None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from . import analyze, report
+
+    parser = argparse.ArgumentParser(prog="python -m induction_jax.ablate",
+                                     description="Head ablations at every committed snapshot of a run.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
+    parser.add_argument("--kind", choices=KINDS, default="pattern")
+    parser.add_argument("--heads", help="comma-separated LAYER.HEAD list (default: every head)")
+    parser.add_argument("--out", type=Path, help="results directory (default: RUN_DIR/analysis)")
+    parser.add_argument("--before", type=int, help="snapshot step before the phase change (attribution)")
+    parser.add_argument("--after", type=int, help="snapshot step after the phase change (attribution)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    ctx = analyze.analyze_run(args.run_dir, args.out, args.steps, progress=not args.no_progress)
+    heads = parse_heads(args.heads, ctx.cfg.model.n_layers, ctx.cfg.model.n_heads) if args.heads else None
+    ablate_run(ctx, args.steps, args.kind, heads, progress=not args.no_progress)
+    out = report.write([ctx], args.out, before_after=(args.before, args.after))
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from . import cli as _cli
+    _cli.run(main)

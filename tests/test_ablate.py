@@ -101,3 +101,26 @@ def test_attribution_cosine_and_fraction():
     out = ablate.attribution(abl, train)
     np.testing.assert_allclose(out["cosine"], [1.0, 0.0, -1.0], atol=1e-9)
     np.testing.assert_allclose(out["fraction_undone"], [1.0, 0.0, -0.5], atol=1e-9)
+
+
+def test_planted_circuit_ablating_the_induction_head_removes_icl():
+    from planted import planted_induction_model
+
+    from induction_jax import evaluate
+
+    cfg, p = planted_induction_model(vocab=64, n_heads=3, context=128)
+    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+    m = model.make(cfg)
+    rng = np.random.default_rng(0)
+    half = np.stack([rng.permutation(64)[:60] for _ in range(4)])
+    toks = jnp.asarray(np.concatenate([half, half], axis=1), jnp.int32)  # repeated random text, T = 120
+    early, late = 30, 100  # first repeat vs second repeat
+    clean = np.asarray(ablate.clean_run(m, p, toks)[0])
+    icl_clean = evaluate.icl_score(clean, early, late)
+    assert icl_clean < -2.0
+    masks = ablate.head_masks([(1, 0), (1, 2), (0, 1)], 2, 3)
+    lanes = ablate.ablated_losses(m, p, toks, masks)
+    icl = [evaluate.icl_score(lane, early, late) for lane in lanes]
+    assert abs(icl[0]) < 0.1 * abs(icl_clean)  # the induction head carries (almost) all of it
+    for other in icl[1:]:
+        assert abs(other - icl_clean) < 0.1 * abs(icl_clean)  # a random head does not
