@@ -31,7 +31,7 @@ SPECIAL_TOKENS = (BOS, EOD)
 # 256 byte symbols plus the special tokens: a byte-level BPE cannot be smaller.
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 # Installed-package trees inside the stdlib directory belong to `site_packages`, not to the stdlib.
-_NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
+_NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class SourceFile:
 
 @dataclass
 class Documents:
-    """Decoded documents of one split, in a fixed order, with what was skipped."""
+    """Decoded documents of one split, in source order."""
 
     names: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -90,7 +90,7 @@ def _stdlib_files(site_packages: bool) -> list[SourceFile]:
     paths = sysconfig.get_paths()
     stdlib = Path(paths["stdlib"])
     out = [_stat(f"{STDLIB}/{p.relative_to(stdlib).as_posix()}", p, STDLIB)
-           for p in _walk(stdlib, ".py", frozenset(_NOT_STDLIB))]
+           for p in _walk(stdlib, ".py", _NOT_STDLIB)]
     if site_packages:
         purelib = Path(paths["purelib"])
         out += [_stat(f"site-packages/{p.relative_to(purelib).as_posix()}", p, STDLIB)
