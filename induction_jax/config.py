@@ -84,7 +84,7 @@ class TrainConfig:
     weight_decay_after: float = 0.0
     grad_clip: float = 1.0
     resume_every: int = 200
-    log_every: int = 10
+    log_every: int = 1
     probe_every: int = 100  # live ICL / prefix-matching probes; 0 = off
     probe_examples: int = 32
 
@@ -243,6 +243,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("data.sources", "is empty")
     if cfg.data.eval_length < 2:
         fail("data.eval_length", f"must be >= 2, got {cfg.data.eval_length}")
+    need = 1 + cfg.eval.prefix_tokens * cfg.eval.repeats
+    if need > m.context:
+        fail("eval.prefix_tokens", f"{cfg.eval.prefix_tokens} tokens x eval.repeats={cfg.eval.repeats} + BOS = "
+             f"{need} exceeds model.context={m.context}")
     p2 = cfg.snapshots.powers_of_two
     if p2 and (len(p2) != 2 or p2[0] > p2[1] or p2[0] < 0):
         fail("snapshots.powers_of_two", f"{list(p2)} must be [a, b] with 0 <= a <= b")

@@ -39,7 +39,7 @@ def train_step(state, tokens_BT, *, model, optimizer):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], model, tokens_BT)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 

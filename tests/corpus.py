@@ -1,0 +1,22 @@
+"""A small real corpus for tests: a few standard-library packages copied into a directory (fast to tokenize)."""
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+PACKAGES = ("json", "email", "importlib", "unittest")
+
+
+def make_corpus(root: Path) -> Path:
+    src = Path(sysconfig.get_paths()["stdlib"])
+    out = root / "corpus"
+    if not out.exists():
+        for pkg in PACKAGES:
+            shutil.copytree(src / pkg, out / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return out
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """Overrides that point configs/cpu/tiny.yaml at the test corpus and a private data cache."""
+    corpus = make_corpus(root)
+    return [f"data.sources=[{corpus}]", f"data.cache_dir={root / 'cache'}", "data.site_packages=false"]
