@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from . import heads as heads_lib
 from . import model as model_lib
 from .config import UserError
 
@@ -177,7 +178,14 @@ def ablate_run(ctx, steps=None, kind: str = "pattern", heads: list[tuple[int, in
         except checkpoint.SnapshotError as e:
             tqdm.write(f"skipped: {e}")
             continue
-        record, arrays = ablate_snapshot(ctx, params, masks, kind)
+        # One more lane ablates every induction head of this snapshot at once (all-ones when there is none).
+        scores = ctx.store.read("eval", "head_scores", step)
+        induction = heads_lib.induction_heads(scores[..., 0], scores[..., 1], ctx.cfg.eval)
+        lanes = np.concatenate([masks, (1.0 - induction.astype(np.float32))[None]])
+        record, arrays = ablate_snapshot(ctx, params, lanes, kind)
+        record["induction_delta_icl"] = record["delta_icl"].pop()
+        record["induction_delta_loss"] = record["delta_loss"].pop()
+        record["masks"].pop()
         record["heads"] = [list(h) for h in heads]
         record["tokens"] = ctx.tokens_at(step)
         ctx.store.write(section, step, record, arrays)

@@ -19,4 +19,5 @@ def make_corpus(root: Path) -> Path:
 def tiny_overrides(root: Path) -> list[str]:
     """Overrides that point configs/cpu/tiny.yaml at the test corpus and a private data cache."""
     corpus = make_corpus(root)
-    return [f"data.sources=[{corpus}]", f"data.cache_dir={root / 'cache'}", "data.site_packages=false"]
+    return [f"data.sources=[{corpus}]", f"data.cache_dir={root / 'cache'}", "data.site_packages=false",
+            "data.eval_fraction=0.15"]

@@ -1,0 +1,271 @@
+"""Figures, tidy tables and report.md from the results stores of one or more analysed runs.
+
+The phase-change window of a run is where its ICL score changes fastest: from the first snapshot that has made 20%
+of the run's total ICL improvement to the first that has made 80% of it (a rise-time definition, robust to a noisy
+single snapshot); the steepest point in log tokens inside it is reported too. No window is claimed when the total
+improvement is under `MIN_IMPROVEMENT` nats.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import evaluate, heads, plots
+from .analyze import SECTION, RunContext
+from .store import MEASURES
+
+MIN_IMPROVEMENT = 0.05  # nats
+LO, HI = 0.2, 0.8
+
+
+def detect_window(tokens_S, icl_S) -> dict | None:
+    tokens_S, icl_S = np.asarray(tokens_S, float), np.asarray(icl_S, float)
+    if len(icl_S) < 3:
+        return None
+    gain_S = icl_S[0] - icl_S  # positive = more in-context learning than at the first snapshot
+    total = gain_S.max()
+    if not np.isfinite(total) or total < MIN_IMPROVEMENT:
+        return None
+    i0 = int(np.argmax(gain_S >= LO * total))
+    i1 = int(np.argmax(gain_S >= HI * total))
+    i0 = max(min(i0, i1) - 1, 0)  # the last snapshot before the rise begins
+    logt = np.log(np.maximum(tokens_S, 1.0))
+    slope = np.diff(icl_S[i0: i1 + 1]) / np.maximum(np.diff(logt[i0: i1 + 1]), 1e-9)
+    k = i0 + int(np.argmin(slope)) if slope.size else i0
+    return {"start_index": i0, "end_index": i1, "start_tokens": float(tokens_S[i0]),
+            "end_tokens": float(tokens_S[i1]), "steepest_tokens": float(np.sqrt(tokens_S[k] * tokens_S[min(k + 1,
+                                                                                            len(tokens_S) - 1)])),
+            "total_improvement": float(total)}
+
+
+def training_loss(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    tok, loss = [], []
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                tok.append(rec["tokens_seen"])
+                loss.append(rec["loss"])
+    return np.asarray(tok, float), np.asarray(loss, float)
+
+
+def smooth(y: np.ndarray, n: int) -> np.ndarray:
+    if len(y) < n or n < 2:
+        return y
+    return np.convolve(y, np.ones(n) / n, mode="valid")
+
+
+class RunResults:
+    """One run's analysed arrays, in step order."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.name = ctx.run_dir.name
+        recs = ctx.store.sorted_records(SECTION)
+        self.steps = np.array([r["step"] for r in recs])
+        self.tokens = np.array([r["tokens"] for r in recs], float)
+        self.icl = np.array([r["icl"] for r in recs])
+        self.icl_window = np.array([r["icl_window"] for r in recs])
+        self.eval_loss = np.array([r["eval_loss"] for r in recs])
+        self.losses_SNP = ctx.store.read(SECTION, "per_token_loss")
+        self.scores_SLHM = ctx.store.read(SECTION, "head_scores")
+        self.random_SN = np.stack([evaluate.random_token_view(x, ctx.random_index_N) for x in self.losses_SNP])
+        self.window = detect_window(self.tokens, self.icl_window)
+
+    def measure(self, name: str) -> np.ndarray:
+        return self.scores_SLHM[..., MEASURES.index(name)]
+
+    def induction_mask(self, i: int = -1) -> np.ndarray:
+        return heads.induction_heads(self.measure("prefix_matching")[i], self.measure("copying")[i],
+                                     self.ctx.cfg.eval)
+
+
+def joint_pca(results: list[RunResults]):
+    """PCA of the random-token loss vectors of every snapshot of every run: (per-run [S, 2], explained [2])."""
+    stacked = np.concatenate([r.random_SN for r in results]).astype(np.float64)
+    centred = stacked - stacked.mean(0, keepdims=True)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    explained = (sv ** 2) / max((sv ** 2).sum(), 1e-12)
+    proj = centred @ vt[:2].T
+    out, i = [], 0
+    for r in results:
+        out.append(proj[i: i + len(r.steps)])
+        i += len(r.steps)
+    return out, explained[:2]
+
+
+def write_tables(r: RunResults, out: Path) -> None:
+    with (out / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "tokens", "eval_loss", "icl", "icl_window", "max_prefix_matching"])
+        for i, s in enumerate(r.steps):
+            w.writerow([int(s), int(r.tokens[i]), f"{r.eval_loss[i]:.5f}", f"{r.icl[i]:.5f}",
+                        f"{r.icl_window[i]:.5f}", f"{np.nanmax(r.measure('prefix_matching')[i]):.5f}"])
+    with (out / "heads.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "tokens", "layer", "head", "measure", "value"])
+        for i, s in enumerate(r.steps):
+            for layer in range(r.scores_SLHM.shape[1]):
+                for h in range(r.scores_SLHM.shape[2]):
+                    for j, m in enumerate(MEASURES):
+                        w.writerow([int(s), int(r.tokens[i]), layer, h, m, f"{r.scores_SLHM[i, layer, h, j]:.5f}"])
+
+
+def _win(r: RunResults):
+    return (r.window["start_tokens"], r.window["end_tokens"]) if r.window else None
+
+
+def _fmt_tokens(t: float) -> str:
+    return f"{t / 1e6:.2f}M" if t >= 1e5 else f"{t:,.0f}"
+
+
+def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
+    early, late = r.ctx.icl_indices
+    win = _win(r)
+    name = r.name
+    tok_tr, loss_tr = training_loss(r.ctx.run_dir)
+    if len(loss_tr):
+        k = max(len(loss_tr) // 100, 1)
+        plots.loss_curve(fig / f"{name}_loss", smooth(tok_tr, k), smooth(loss_tr, k), win,
+                         title=f"{name}: training loss")
+    plots.loss_heatmap(fig / f"{name}_heatmap", r.tokens, r.losses_SNP.mean(1), np.arange(1, r.losses_SNP.shape[2]
+                                                                                            + 1), win,
+                       title=f"{name}: loss by token index")
+    centres, dloss = evaluate.dloss_dlog_index(r.losses_SNP.mean(1))
+    plots.dloss_dlog_index(fig / f"{name}_dloss", r.tokens, centres, dloss, win, title=f"{name}")
+    for m in ("prefix_matching", "copying", "previous_token"):
+        plots.head_scores(fig / f"{name}_{m}", r.tokens, r.measure(m), m, win, title=f"{name}")
+    thr = (r.ctx.cfg.eval.prefix_threshold, r.ctx.cfg.eval.copying_threshold)
+    plots.copying_vs_prefix(fig / f"{name}_scatter", r.measure("prefix_matching")[-1], r.measure("copying")[-1],
+                            thr, title=f"{name} at step {int(r.steps[-1])}")
+    lines = [f"## {name}", ""]
+    lines.append(f"- {len(r.steps)} snapshots analysed, steps {int(r.steps[0])}–{int(r.steps[-1])} "
+                 f"({_fmt_tokens(r.tokens[0])}–{_fmt_tokens(r.tokens[-1])} tokens); eval loss "
+                 f"{r.eval_loss[0]:.3f} → {r.eval_loss[-1]:.3f} nats.")
+    lines.append(f"- ICL score = loss at token index {late} − loss at token index {early} (0-based index of the "
+                 f"predicted token; eval windows of {r.losses_SNP.shape[2] + 1} tokens): {r.icl[0]:+.3f} at the "
+                 f"first snapshot, {r.icl[-1]:+.3f} at the last.")
+    if r.window:
+        w = r.window
+        i0, i1 = w["start_index"], w["end_index"]
+        lines.append(f"- **Phase-change window**: {_fmt_tokens(w['start_tokens'])} – {_fmt_tokens(w['end_tokens'])}"
+                     f" tokens (steps {int(r.steps[i0])}–{int(r.steps[i1])}; {int(LO * 100)}–{int(HI * 100)}% of "
+                     f"the ICL improvement of {w['total_improvement']:.3f} nats, windowed ±"
+                     f"{r.ctx.cfg.eval.icl_window}); steepest near {_fmt_tokens(w['steepest_tokens'])} tokens. ICL "
+                     f"score before {r.icl[i0]:+.3f}, after {r.icl[i1]:+.3f}; max prefix matching "
+                     f"{np.nanmax(r.measure('prefix_matching')[i0]):.2f} → "
+                     f"{np.nanmax(r.measure('prefix_matching')[i1]):.2f}.")
+    else:
+        lines.append(f"- No phase-change window: the ICL score never improved by {MIN_IMPROVEMENT} nats.")
+    ind = r.induction_mask()
+    pm, cp = r.measure("prefix_matching")[-1], r.measure("copying")[-1]
+    pt, qk = r.measure("previous_token")[-1], r.measure("qk_trace")[-1]
+    lines.append(f"- Induction heads at the last snapshot (prefix matching > {thr[0]}, copying > {thr[1]}): "
+                 + (", ".join(f"{l}.{h}" for l, h in zip(*np.nonzero(ind))) or "none") + ".")
+    lines += ["", "| head | prefix matching | copying | previous token | QK trace | induction |", "|---|---|---|---|---|---|"]
+    order = np.argsort(-np.nan_to_num(pm, nan=-1).ravel())
+    for idx in order:
+        l, h = divmod(int(idx), pm.shape[1])
+        lines.append(f"| {l}.{h} | {pm[l, h]:.3f} | {cp[l, h]:+.3f} | {pt[l, h]:.3f} | {qk[l, h]:.3g} | "
+                     f"{'yes' if ind[l, h] else ''} |")
+    lines.append("")
+    for stem, caption in [("loss", "training loss"), ("heatmap", "loss over training and token index"),
+                          ("dloss", "d loss / d log(token index)"), ("prefix_matching", "prefix matching per head"),
+                          ("copying", "copying per head"), ("previous_token", "previous-token score per head"),
+                          ("scatter", "copying vs prefix matching at the last snapshot")]:
+        if (fig / f"{name}_{stem}.png").exists():
+            lines.append(f"![{name}: {caption}]({rel}/{name}_{stem}.png)")
+    lines.append("")
+    return lines
+
+
+def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
+                     before_after=(None, None)) -> list[str]:
+    from . import ablate
+    section = f"ablation-{kind}"
+    recs = r.ctx.store.sorted_records(section)
+    if not recs:
+        return []
+    labels = [f"{l}.{h}" for l, h in recs[-1]["heads"]]
+    tokens = np.array([x["tokens"] for x in recs], float)
+    delta_icl = np.array([x["delta_icl"] for x in recs])
+    plots.ablation_heatmap(fig / f"{r.name}_ablation", tokens, delta_icl, labels, _win(r),
+                           title=f"{r.name}: {kind} ablation")
+    last = recs[-1]
+    clean = last["clean_icl"]
+    step_last = last["step"]
+    i_last = list(r.steps).index(step_last) if step_last in r.steps else len(r.steps) - 1
+    ind = r.induction_mask(i_last)
+    removed = [(-d / clean if clean < 0 else float("nan")) for d in last["delta_icl"]]
+    lines = [f"## Argument 3 — {r.name}: {kind}-preserving head ablations" if kind == "pattern"
+             else f"## {r.name}: full head ablations", ""]
+    lines.append(f"At step {step_last} the clean ICL score is {clean:+.3f} nats. Share of it removed by ablating "
+                 "each head (positive = the head carries ICL):")
+    lines += ["", "| head | Δ ICL (nats) | share of ICL removed | Δ mean loss | induction |", "|---|---|---|---|---|"]
+    for i, (l, h) in enumerate(recs[-1]["heads"]):
+        lines.append(f"| {l}.{h} | {last['delta_icl'][i]:+.3f} | {removed[i]:+.1%} | {last['delta_loss'][i]:+.4f} |"
+                     f" {'yes' if ind[l, h] else ''} |")
+    if "induction_delta_icl" in last:
+        share = -last["induction_delta_icl"] / clean if clean < 0 else float("nan")
+        lines.append("")
+        lines.append(f"**Ablating all induction heads together removes {share:.1%} of the ICL score** "
+                     f"(Δ ICL {last['induction_delta_icl']:+.3f} nats; heads "
+                     f"{', '.join(f'{l}.{h}' for l, h in zip(*np.nonzero(ind))) or 'none'}).")
+    before, after = before_after
+    if before is None and r.window:
+        before, after = int(r.steps[r.window["start_index"]]), int(r.steps[r.window["end_index"]])
+    if before is not None and after is not None and before in r.steps and after in r.steps:
+        train_delta = r.random_SN[list(r.steps).index(after)] - r.random_SN[list(r.steps).index(before)]
+        abl = r.ctx.store.read(section, "delta_random", step_last)[: len(labels)]
+        att = ablate.attribution(abl, train_delta)
+        ind_m = np.array([ind[l, h] for l, h in recs[-1]["heads"]])
+        plots.attribution_scatter(fig / f"{r.name}_attribution", att["cosine"], att["fraction_undone"], labels,
+                                  ind_m, title=f"{r.name}: step {before} → {after}")
+        lines.append("")
+        lines.append(f"Before-and-after attribution (training change from step {before} to {after}, ablations at "
+                     f"step {step_last}): " + ", ".join(f"{lab} cos {c:+.2f} / undoes {f:+.0%}" for lab, c, f in
+                                                        zip(labels, att["cosine"], att["fraction_undone"])) + ".")
+    lines.append("")
+    for stem in ("ablation", "attribution"):
+        if (fig / f"{r.name}_{stem}.png").exists():
+            lines.append(f"![{r.name}: {stem}]({rel}/{r.name}_{stem}.png)")
+    lines.append("")
+    return lines
+
+
+def write(contexts: list[RunContext], out: Path | None = None, before_after=(None, None)) -> Path:
+    """Writes figures, tables and report.md; returns the report's path."""
+    results = [RunResults(c) for c in contexts if c.store.steps(SECTION)]
+    if not results:
+        raise ValueError("nothing analysed yet")
+    out = Path(out) if out else (contexts[0].store.dir.parent if len(contexts) == 1 else
+                                 contexts[0].run_dir.parent / "analysis")
+    fig = out / "figures"
+    fig.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        write_tables(r, r.ctx.store.dir)
+    early, late = results[0].ctx.icl_indices
+    plots.icl_curve(fig / "icl", {r.name: (r.tokens, r.icl_window) for r in results},
+                    {r.name: _win(r) for r in results if r.window} or None, indices=(early, late),
+                    title="ICL score (±window average)")
+    lines = ["# In-context learning and induction heads: report", ""]
+    lines.append(f"Runs: {', '.join(r.name for r in results)}. Eval set hash `{contexts[0].eval_hash[:16]}`.")
+    lines += ["", f"![ICL score vs training tokens](figures/icl.png)", ""]
+    if sum(len(r.steps) for r in results) >= 3:
+        proj, explained = joint_pca(results)
+        plots.pca_trajectories(fig / "pca", {r.name: (r.tokens, p) for r, p in zip(results, proj)},
+                               {r.name: _win(r) for r in results if r.window} or None, explained_variance=explained)
+        lines += [f"Joint PCA of the random-token loss vectors (PC1 {explained[0]:.0%}, PC2 {explained[1]:.0%} of "
+                  "variance):", "", "![PCA trajectories](figures/pca.png)", ""]
+    for r in results:
+        lines += run_section(r, fig, "figures")
+        lines += ablation_section(r, fig, "figures", "pattern", before_after)
+        lines += ablation_section(r, fig, "figures", "full", before_after)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,166 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from corpus import tiny_overrides
+from induction_jax import Run, analyze, config, report, train
+
+TINY = "configs/cpu/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyze")
+    cfg = config.load(TINY, tiny_overrides(root) + ["train.steps=24", "snapshots.every=4",
+                                                    "train.probe_every=0"])
+    out = root / "run"
+    train.train(cfg, out, progress=False)
+    return out
+
+
+def _copy(run_dir, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("analysis"))
+    return dst
+
+
+def test_analyze_every_snapshot_and_write_report(run_dir, tmp_path):
+    rd = _copy(run_dir, tmp_path)
+    ctx = analyze.analyze_run(rd, progress=False)
+    steps = ctx.store.sorted_steps(analyze.SECTION)
+    assert steps == [4, 8, 12, 16, 20, 24]
+    losses = ctx.store.read(analyze.SECTION, "per_token_loss")
+    assert losses.shape == (6,) + (ctx.tokens_NL.shape[0], ctx.tokens_NL.shape[1] - 1)
+    assert ctx.store.read(analyze.SECTION, "head_scores").shape == (6, 2, 4, 4)
+    path = report.write([ctx])
+    text = path.read_text()
+    assert "ICL score" in text and "Induction heads at the last snapshot" in text
+    for png in ("icl", "pca", "run_heatmap", "run_scatter", "run_prefix_matching"):
+        assert (path.parent / "figures" / f"{png}.png").stat().st_size > 1000
+    rows = (ctx.store.dir / "summary.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("step,tokens,eval_loss,icl")
+
+
+def test_rerun_skips_done_snapshots_and_picks_up_new_ones(run_dir, tmp_path):
+    rd = _copy(run_dir, tmp_path)
+    ctx = analyze.analyze_run(rd, steps=[4, 8], progress=False)
+    first = ctx.store.read(analyze.SECTION, "per_token_loss")
+    assert ctx.pending_steps(analyze.SECTION) == [12, 16, 20, 24]
+    ctx = analyze.analyze_run(rd, progress=False)
+    np.testing.assert_array_equal(ctx.store.read(analyze.SECTION, "per_token_loss")[:2], first)
+    assert ctx.pending_steps(analyze.SECTION) == []
+
+
+def test_killed_job_resumes_to_identical_arrays(run_dir, tmp_path):
+    ref = _copy(run_dir, tmp_path / "a")
+    expect = analyze.analyze_run(ref, progress=False).store.read(analyze.SECTION, "per_token_loss")
+    rd = _copy(run_dir, tmp_path / "b")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.Popen([sys.executable, "-m", "induction_jax.analyze", str(rd), "--no-report", "--no-progress"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = None
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        found = list((rd / "analysis").glob("*/eval.index.json"))
+        if found and len(json.loads(found[0].read_text())["steps"]) >= 2:
+            index = found[0]
+            break
+        time.sleep(0.005)
+    p.kill()
+    p.wait()
+    assert index is not None, "the job finished or never committed before it could be killed"
+    done = json.loads(index.read_text())["steps"]
+    assert 2 <= len(done) <= 6
+    ctx = analyze.analyze_run(rd, progress=False)
+    np.testing.assert_array_equal(ctx.store.read(analyze.SECTION, "per_token_loss"), expect)
+
+
+def test_uncommitted_and_corrupted_snapshots(run_dir, tmp_path, capsys):
+    rd = _copy(run_dir, tmp_path)
+    # What Orbax leaves while a save is in flight: never listed, never read.
+    shutil.copytree(rd / "snapshots" / "24", rd / "snapshots" / "28.orbax-checkpoint-tmp-1234")
+    # A truncated snapshot: reported by path and skipped; the job goes on.
+    victim = max((rd / "snapshots" / "8").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    victim.write_bytes(victim.read_bytes()[:10])
+    ctx = analyze.analyze_run(rd, progress=False)
+    steps = ctx.store.sorted_steps(analyze.SECTION)
+    assert 28 not in steps
+    assert steps == [4, 12, 16, 20, 24]
+    err = capsys.readouterr()
+    assert "snapshots/8" in (err.out + err.err)
+
+
+def test_not_a_run_dir_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "induction_jax.analyze", str(tmp_path)], capture_output=True,
+                       text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(tmp_path) in r.stderr
+
+
+def test_run_api(run_dir, tmp_path):
+    rd = _copy(run_dir, tmp_path)
+    analyze.analyze_run(rd, progress=False)
+    run = Run.open(rd)
+    assert run.steps == [4, 8, 12, 16, 20, 24]
+    assert run.tokens_at(8) == 8 * run.config.train.batch_size * run.config.model.context
+    stored = run.per_token_losses(24)
+    from induction_jax import evaluate
+    fresh = evaluate.per_token_losses(run.model, run.params(24), run.eval_set()[0], 8)
+    np.testing.assert_allclose(stored, fresh, atol=1e-6)
+    assert set(run.icl_scores()) == set(run.steps)
+    steps, scores, measures = run.head_scores()
+    assert scores.shape == (6, 2, 4, 4) and measures[0] == "prefix_matching"
+    rows = run.head_scores(tidy=True)
+    assert len(rows) == 6 * 2 * 4 * 4 and {"step", "layer", "head", "measure", "value"} <= set(rows[0])
+
+
+def _tl_forward(sd, cfg, tokens):
+    """A TransformerLens-convention forward pass in numpy (W_Q [H, D, E]; shortformer positions added after
+    ln1 to the query/key inputs only) over the exported state dict."""
+    def ln(x, w, b):
+        x = x - x.mean(-1, keepdims=True)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg["eps"]) * w + b
+
+    t = tokens.shape[1]
+    resid = sd["embed.W_E"][tokens]
+    pos = sd["pos_embed.W_pos"][:t]
+    mask = np.tril(np.ones((t, t), bool))
+    for layer in range(cfg["n_layers"]):
+        p = f"blocks.{layer}"
+        x = ln(resid, sd[f"{p}.ln1.w"], sd[f"{p}.ln1.b"])
+        q = np.einsum("btd,hde->bthe", x + pos, sd[f"{p}.attn.W_Q"]) + sd[f"{p}.attn.b_Q"]
+        k = np.einsum("btd,hde->bthe", x + pos, sd[f"{p}.attn.W_K"]) + sd[f"{p}.attn.b_K"]
+        v = np.einsum("btd,hde->bthe", x, sd[f"{p}.attn.W_V"]) + sd[f"{p}.attn.b_V"]
+        s = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(cfg["d_head"])
+        s = np.where(mask, s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        z = np.einsum("bhqk,bkhe->bqhe", a, v)
+        resid = resid + np.einsum("bqhe,hed->bqd", z, sd[f"{p}.attn.W_O"]) + sd[f"{p}.attn.b_O"]
+    return ln(resid, sd["ln_final.w"], sd["ln_final.b"]) @ sd["unembed.W_U"] + sd["unembed.b_U"]
+
+
+def test_export_transformer_lens_gives_the_same_logits(run_dir, tmp_path):
+    run = Run.open(_copy(run_dir, tmp_path))
+    path = run.export_transformer_lens(24, tmp_path / "tl" / "step24")
+    sd = dict(np.load(path))
+    cfg = json.loads(path.with_suffix(".json").read_text())
+    assert sd["blocks.0.attn.W_Q"].shape == (cfg["n_heads"], cfg["d_model"], cfg["d_head"])
+    assert cfg["positional_embedding_type"] == "shortformer"
+    tokens = run.eval_set()[0][:2]
+    ours = np.asarray(run.model.apply({"params": run.params(24)}, tokens))
+    np.testing.assert_allclose(_tl_forward(sd, cfg, tokens), ours, atol=1e-4)
+
+
+def test_export_refuses_what_transformer_lens_cannot_express(run_dir, tmp_path):
+    rd = _copy(run_dir, tmp_path)
+    text = (rd / "config.yaml").read_text().replace("smeared_key: false", "smeared_key: true")
+    (rd / "config.yaml").write_text(text)
+    with pytest.raises(config.UserError, match="smeared key"):
+        Run.open(rd).export_transformer_lens(24, tmp_path / "x")
