@@ -1,30 +1,138 @@
-"""`python -m induction_jax.demo`: the CPU demo."""
+"""`python -m induction_jax.demo`: the paper's Arguments 1-3 on a laptop CPU.
+
+Prepares the embedded corpus (the interpreter's own standard library), trains a 2-layer and a 1-layer
+attention-only model and a 1-layer smeared-key model side by side (one single-threaded process each, same data
+order), analyzes all three (joint PCA), ablates every head of the 2-layer model at snapshots before, during and
+after its phase change, and writes runs/demo/report.md ending with PASS/FAIL checks. Every stage resumes: run it
+again after an interruption and finished work is skipped; run it when everything is done and it only rebuilds
+the report.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from . import cli, model
+from . import cli, config
+
+RUNS = {"attn_only_2l": "configs/cpu/attn_only_2l.yaml", "attn_only_1l": "configs/cpu/attn_only_1l.yaml",
+        "smeared_key_1l": "configs/cpu/smeared_key_1l.yaml"}
+SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+ABLATION_SNAPSHOTS = 8
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    done = 0
+    with path.open() as f:
+        for line in f:
+            try:
+                done = max(done, json.loads(line).get("step", 0))
+            except ValueError:
+                pass  # a line being written
+    return done
+
+
+def train_all(out: Path, overrides: list[str]) -> None:
+    """One single-threaded training process per model, with an overall progress bar (ETA over all three)."""
+    cfgs = {name: config.load(path, overrides) for name, path in RUNS.items()}
+    total = sum(c.train.steps for c in cfgs.values())
+    env = dict(os.environ, XLA_FLAGS=SINGLE_THREAD, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+    procs = {}
+    for name, path in RUNS.items():
+        run_dir = out / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if _steps_done(run_dir) >= cfgs[name].train.steps and (run_dir / "snapshots").exists():
+            continue
+        log = (run_dir / "train.log").open("a")
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "induction_jax.train", "--config", path,
+                                         "--run-dir", str(run_dir), "--no-progress", *overrides],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    with tqdm(total=total, desc="train 3 models", unit="step", dynamic_ncols=True) as bar:
+        while True:
+            done = {n: min(_steps_done(out / n), cfgs[n].train.steps) for n in RUNS}
+            bar.n = sum(done.values())
+            bar.set_postfix({n.replace("attn_only_", "").replace("smeared_key_", "sk"): d
+                             for n, d in done.items()}, refresh=False)
+            bar.refresh()
+            if all(p.poll() is not None for p, _ in procs.values()):
+                break
+            time.sleep(2)
+    for name, (p, log) in procs.items():
+        log.close()
+        if p.returncode != 0:
+            tail = (out / name / "train.log").read_text().strip().splitlines()[-1:]
+            raise config.UserError(f"{out / name}: training failed ({tail[0] if tail else p.returncode}); "
+                                   f"see {out / name / 'train.log'}")
+
+
+def ablation_steps(steps: list[int], window: dict | None, n: int = ABLATION_SNAPSHOTS) -> list[int]:
+    """Snapshots before, during and after the phase-change window (or spread over training without one)."""
+    steps = sorted(steps)
+    if not window:
+        idx = np.unique(np.linspace(0, len(steps) - 1, n).round().astype(int))
+        return [steps[i] for i in idx]
+    i0, i1 = window["start_index"], window["end_index"]
+    inside = list(np.unique(np.linspace(i0, i1, max(n - 4, 2)).round().astype(int)))
+    picks = {0, max(i0 - 1, 0), min(i1 + 1, len(steps) - 1), len(steps) - 1, *inside}
+    return [steps[i] for i in sorted(picks)]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.demo", description=__doc__)
-    cli.add_config_args(parser, default="configs/cpu/attn_only_2l.yaml")
-    parser.add_argument("--check-only", action="store_true", help="validate the config and exit")
+    parser = argparse.ArgumentParser(prog="python -m induction_jax.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (default runs/demo)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="applied to all three CPU configs, e.g. train.steps=2000")
     args = parser.parse_args(argv)
-    cfg = cli.config_from_args(args)
-    if args.check_only:
-        return 0
-    params = model.init_params(cfg.model, jax.random.key(cfg.train.seed))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, cfg.model.context)))
-    loss = model.token_losses(model.make(cfg.model).apply({"params": params}, tokens), tokens).mean()
-    print(f"{args.config}: {model.count_params(cfg.model):,} parameters "
-          f"({model.count_params(cfg.model, embedding=False):,} non-embedding); "
-          f"loss of one forward pass on random tokens: {float(loss):.4f} (ln V = {np.log(cfg.model.vocab_size):.4f})")
+    t0 = time.time()
+    out = args.out
+    cfg = config.load(RUNS["attn_only_2l"], args.overrides)
+
+    from . import data
+    print("1/4 preparing the corpus (the Python standard library and site-packages)", flush=True)
+    prepared = data.prepare(cfg)
+    print("    " + data.summary(prepared).replace("\n", "\n    "), flush=True)
+
+    print("2/4 training three models side by side", flush=True)
+    train_all(out, args.overrides)
+
+    from . import ablate, analyze, checks, report
+    print("3/4 analyzing every snapshot", flush=True)
+    contexts = {name: analyze.analyze_run(out / name, out / name / "analysis") for name in RUNS}
+    two = report.RunResults(contexts["attn_only_2l"])
+    picks = ablation_steps(two.steps.tolist(), two.window)
+    print(f"4/4 ablating every head of the 2-layer model at steps {picks}", flush=True)
+    ablate.ablate_run(contexts["attn_only_2l"], steps=picks, kind="pattern")
+
+    path = report.write(list(contexts.values()), out)
+    results = {name: report.RunResults(ctx) for name, ctx in contexts.items()}
+    abl = None
+    recs = contexts["attn_only_2l"].store.sorted_records("ablation-pattern")
+    if recs:
+        last = recs[-1]
+        i = list(results["attn_only_2l"].steps).index(last["step"])
+        abl = dict(last, induction=results["attn_only_2l"].induction_mask(i).tolist())
+    tok_tr, loss_tr = report.training_loss(out / "attn_only_2l")
+    proj, _ = report.joint_pca(list(results.values()))
+    extras = {"training-loss bump (steepest fall vs log tokens)": checks.loss_bump_tokens(tok_tr, loss_tr),
+              "PCA pivot (sharpest turn of the trajectory)": checks.pca_pivot_tokens(two.tokens, proj[0])}
+    lines = checks.demo_checks(results["attn_only_2l"], results["attn_only_1l"], results["smeared_key_1l"],
+                               abl, extras)
+    text = path.read_text() + "\n## Checks of the paper's claims (measured in this run)\n\n```\n" + \
+        "\n".join(lines) + "\n```\n" + f"\nDemo wall time (this invocation): {(time.time() - t0) / 60:.1f} min.\n"
+    path.write_text(text)
+    print("\n".join(lines))
+    print(f"report: {path}")
     return 0
 
 

@@ -1,0 +1,92 @@
+"""Training throughput and MFU of the CPU configs, with this machine's float32 matmul peak measured in the same run.
+
+    python benchmarks/train_throughput.py [--configs configs/cpu/attn_only_2l.yaml ...] [--steps 30] [key=value ...]
+    python benchmarks/train_throughput.py --side-by-side   # also: 2 single-threaded processes, one per core
+
+Random tokens stand in for data (the loader is benchmarked separately); the step is the real jitted train step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+DEFAULT = ["configs/cpu/attn_only_1l.yaml", "configs/cpu/attn_only_2l.yaml", "configs/cpu/smeared_key_1l.yaml"]
+SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def measure(config_path: str, overrides: list[str], steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from induction_jax import config, peak, sharding, step
+
+    cfg = config.load(config_path, overrides)
+    mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    trainer = step.build(cfg, mesh)
+    state = trainer.init_fn(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batches = [jax.device_put(rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.context),
+                                           dtype=np.int32), trainer.batch_sharding) for _ in range(4)]
+    for i in range(3):  # compile + warm-up
+        state, m = trainer.step_fn(state, batches[i % 4])
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, m = trainer.step_fn(state, batches[i % 4])
+    jax.block_until_ready(m)
+    dt = time.perf_counter() - t0
+    tps = steps * trainer.tokens_per_step / dt
+    flops = step.flops_per_token(cfg)
+    pk = peak.matmul_probe()
+    return {"config": config_path, "tokens_per_s": tps, "gflops": tps * flops / 1e9, "peak_gflops": pk / 1e9,
+            "mfu": tps * flops / pk, "ms_per_step": 1e3 * dt / steps}
+
+
+def _child(args) -> None:
+    print(json.dumps(measure(args.child, args.overrides, args.steps)))
+
+
+def run_child(config_path, overrides, steps, single_thread=False, cpu=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+    if single_thread:
+        env["XLA_FLAGS"] = SINGLE_THREAD
+    cmd = [sys.executable, __file__, "--child", config_path, "--steps", str(steps), *overrides]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="*", default=DEFAULT)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--side-by-side", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    print(f"{'config':40s} {'mode':28s} {'tok/s':>9s} {'ms/step':>8s} {'GFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
+    for c in args.configs:
+        rows = [("1 process, 2 threads", [run_child(c, args.overrides, args.steps)])]
+        if args.side_by_side:
+            rows.append(("2 processes x 1 thread (sum)",
+                         [run_child(c, args.overrides, args.steps, True, cpu) for cpu in (0, 1)]))
+        for mode, procs in rows:
+            results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+            tps = sum(r["tokens_per_s"] for r in results)
+            gf = sum(r["gflops"] for r in results)
+            pk = results[0]["peak_gflops"] * (len(results) if len(results) > 1 else 1)
+            if len(results) > 1:  # each child's probe saw one core; the machine's peak is their sum
+                pk = sum(r["peak_gflops"] for r in results)
+            print(f"{c:40s} {mode:28s} {tps:9.0f} {results[0]['ms_per_step']:8.1f} {gf:8.1f} {pk:7.1f} "
+                  f"{gf / pk:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
