@@ -142,7 +142,9 @@ def ablate_snapshot(ctx, params, masks_MLH: np.ndarray, kind: str) -> tuple[dict
     sum_delta_MP = np.zeros((m, p), np.float64)
     delta_random_MN = np.zeros((m, n), np.float32)
     icl_clean, icl_ablated_M = 0.0, np.zeros(m, np.float64)
-    bs = ctx.cfg.eval.batch_size
+    # Every lane materialises [B, T, V] logits: keep lanes x batch near one eval batch, or the job turns
+    # memory-bound.
+    bs = max(1, ctx.cfg.eval.batch_size // m)
     for lo in range(0, n, bs):
         toks = jnp.asarray(tokens_NL[lo: lo + bs])
         clean = clean_run(model, params, toks)

@@ -65,6 +65,12 @@ class Run:
         return evaluate.per_token_losses(self.model, self.params(step), self._ctx.tokens_NL,
                                          self.config.eval.batch_size)
 
+    def score_heads(self, step: int) -> dict[str, np.ndarray]:
+        """Computes the four head measures of one snapshot now: {measure: [layers, heads]}."""
+        from .analyze import head_scores
+        scores = head_scores(self._ctx, self.params(step))
+        return {m: scores[..., i] for i, m in enumerate(MEASURES)}
+
     def icl_scores(self) -> dict[int, float]:
         """{step: ICL score} over analysed snapshots (run `python -m induction_jax.analyze` first)."""
         return {r["step"]: r["icl"] for r in self._ctx.store.sorted_records(SECTION)}

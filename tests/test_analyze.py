@@ -164,3 +164,13 @@ def test_export_refuses_what_transformer_lens_cannot_express(run_dir, tmp_path):
     (rd / "config.yaml").write_text(text)
     with pytest.raises(config.UserError, match="smeared key"):
         Run.open(rd).export_transformer_lens(24, tmp_path / "x")
+
+
+def test_score_heads_matches_the_stored_scores(run_dir, tmp_path):
+    rd = _copy(run_dir, tmp_path)
+    analyze.analyze_run(rd, steps=[24], progress=False)
+    run = Run.open(rd)
+    fresh = run.score_heads(24)
+    _, stored, measures = run.head_scores()
+    for i, m in enumerate(measures):
+        np.testing.assert_allclose(fresh[m], stored[-1, ..., i], atol=1e-6)
