@@ -42,6 +42,13 @@ class RunContext:
         self.store = Store(root, store_key(self.eval_hash))
         self.icl_indices = evaluate.icl_indices(self.tokens_NL.shape[1], self.cfg.eval.icl_early,
                                                 self.cfg.eval.icl_late)
+        # Eval batches are split over this process's devices; params are replicated on them. Snapshots restore
+        # onto this job's devices whatever mesh trained them.
+        devices = jax.local_devices()
+        self.mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("batch"))
+        n = len(devices)
+        self.eval_batch = -(-self.cfg.eval.batch_size // n) * n
 
     def sampler(self):
         return lambda rng, shape: self.prepared.random_tokens(rng, shape, self.cfg.eval.exclude_common)
@@ -49,8 +56,8 @@ class RunContext:
     def params(self, step: int):
         """Params of a snapshot, on this job's devices (replicated), whatever mesh trained them."""
         abstract = model_lib.abstract_params(self.cfg.model)
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
         return self.reader.restore(step, target)
 
     def tokens_at(self, step: int) -> int:
@@ -76,7 +83,8 @@ def head_scores(ctx: RunContext, params) -> np.ndarray:
 
 def analyze_snapshot(ctx: RunContext, step: int) -> None:
     params = ctx.params(step)
-    losses_NP = evaluate.per_token_losses(ctx.model, params, ctx.tokens_NL, ctx.cfg.eval.batch_size)
+    losses_NP = evaluate.per_token_losses(ctx.model, params, ctx.tokens_NL, ctx.eval_batch,
+                                          sharding=ctx.batch_sharding)
     early, late = ctx.icl_indices
     scores = head_scores(ctx, params)
     record = {
