@@ -51,10 +51,10 @@ def train_all(out: Path, overrides: list[str]) -> None:
     procs = {}
     for name, path in RUNS.items():
         run_dir = out / name
-        run_dir.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         if _steps_done(run_dir) >= cfgs[name].train.steps and (run_dir / "snapshots").exists():
             continue
-        log = (run_dir / "train.log").open("a")
+        log = (out / f"{name}.train.log").open("a")
         procs[name] = (subprocess.Popen([sys.executable, "-m", "induction_jax.train", "--config", path,
                                          "--run-dir", str(run_dir), "--no-progress", *overrides],
                                         env=env, stdout=log, stderr=subprocess.STDOUT), log)
@@ -71,9 +71,10 @@ def train_all(out: Path, overrides: list[str]) -> None:
     for name, (p, log) in procs.items():
         log.close()
         if p.returncode != 0:
-            tail = (out / name / "train.log").read_text().strip().splitlines()[-1:]
+            log_path = out / f"{name}.train.log"
+            tail = log_path.read_text().strip().splitlines()[-1:]
             raise config.UserError(f"{out / name}: training failed ({tail[0] if tail else p.returncode}); "
-                                   f"see {out / name / 'train.log'}")
+                                   f"see {log_path}")
 
 
 def ablation_steps(steps: list[int], window: dict | None, n: int = ABLATION_SNAPSHOTS) -> list[int]:
