@@ -134,11 +134,15 @@ def probe(model, params, tokens_NL, prefix_tokens_BT, eval_cfg: EvalConfig) -> d
     """The training loop's live probe, one jitted call: ICL score (+-icl_window) and prefix matching.
 
     tokens_NL: a small fixed subset of the eval set; prefix_tokens_BT: from `heads.prefix_matching_tokens` (drawn
-    once, so successive probes are comparable). Returns {"icl": scalar, "prefix_max": scalar, "prefix": [L, H]}.
+    once, so successive probes are comparable). Returns {"icl": scalar, "prefix_max": scalar, "prefix": [L, H],
+    "prev_max": the largest previous-token score of any head on tokens_NL}.
     """
     early, late = icl_indices(tokens_NL.shape[1], eval_cfg.icl_early, eval_cfg.icl_late)
-    losses_NL = token_losses(model.apply({"params": params}, tokens_NL), tokens_NL)
+    logits, cap = model.apply({"params": params}, tokens_NL, capture=("patterns",))
+    losses_NL = token_losses(logits, tokens_NL)
+    # Attention from each position to the one before it (the previous-token head forms before induction heads).
+    prev_LH = jnp.diagonal(cap["patterns"], offset=-1, axis1=-2, axis2=-1).mean(axis=(1, 3))
     patterns_LBHQK = model.apply({"params": params}, prefix_tokens_BT, capture=("patterns",))[1]["patterns"]
     prefix_LH = heads.prefix_matching_from_patterns(patterns_LBHQK, prefix_tokens_BT, 1 + eval_cfg.prefix_tokens)
     return {"icl": icl_score(losses_NL, early, late, eval_cfg.icl_window), "prefix_max": prefix_LH.max(),
-            "prefix": prefix_LH}
+            "prefix": prefix_LH, "prev_max": prev_LH.max()}
