@@ -25,6 +25,8 @@ import numpy as np
 from .config import ModelConfig
 
 CAPTURES = ("patterns", "head_results", "resid")
+# Mesh axes that split the batch (sharding.py builds meshes with these names); activations are constrained to them.
+BATCH_AXES = ("data", "fsdp")
 
 
 def _dtype(name: str):
@@ -40,23 +42,44 @@ def sinusoidal_table(context: int, d_model: int) -> np.ndarray:
     return table
 
 
-def rotate(x_BTHd: jax.Array) -> jax.Array:
-    """Rotary position embedding over the two halves of d_head."""
-    t, d = x_BTHd.shape[1], x_BTHd.shape[-1]
+def rotate(x_BHTd: jax.Array) -> jax.Array:
+    """Rotary position embedding over the two halves of d_head (sequence on axis -2)."""
+    t, d = x_BHTd.shape[-2], x_BHTd.shape[-1]
     inv = 1.0 / (10_000 ** (jnp.arange(0, d // 2) / (d // 2)))
     ang_TF = jnp.arange(t)[:, None] * inv[None, :]
-    cos, sin = jnp.cos(ang_TF)[None, :, None, :], jnp.sin(ang_TF)[None, :, None, :]
-    a, b = x_BTHd[..., : d // 2], x_BTHd[..., d // 2:]
-    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x_BTHd.dtype)
+    cos, sin = jnp.cos(ang_TF), jnp.sin(ang_TF)
+    a, b = x_BHTd[..., : d // 2], x_BHTd[..., d // 2:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x_BHTd.dtype)
 
 
-def attention_mask(cfg: ModelConfig, t: int) -> np.ndarray:
-    """[H, Q, K] boolean: causal for dense heads, causal and within the window for the last `local_heads`."""
-    q, k = np.arange(t)[:, None], np.arange(t)[None, :]
+def attention_mask(cfg: ModelConfig, t: int) -> jax.Array:
+    """[H, Q, K] boolean: causal for dense heads, causal and within the window for the last `local_heads`.
+
+    Computed from iotas inside the traced function, so XLA fuses it into the masking instead of embedding an
+    H x T x T constant in every layer's program (at context 8192 that is 64M entries per head, per layer).
+    """
+    q, k = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     causal = k <= q
     local = causal & (q - k < cfg.local_window)
-    is_local = np.arange(cfg.n_heads) >= cfg.n_heads - cfg.local_heads
-    return np.where(is_local[:, None, None], local[None], causal[None])
+    is_local = jnp.asarray(np.arange(cfg.n_heads) >= cfg.n_heads - cfg.local_heads)
+    return jnp.where(is_local[:, None, None], local[None], causal[None])
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading (batch) dimension to the mesh's BATCH_AXES, the rest unsharded.
+
+    Without it, XLA's propagation may follow the FSDP-sharded weights and replicate activations across the fsdp
+    axis (DESIGN.md §5: 4.5x larger temporaries). A no-op without a mesh in context (`jax.set_mesh`), when the
+    mesh lacks those axes, or when the batch does not divide over them (e.g. a small probe batch). Under
+    `jax.vmap` the constraint applies per lane, leaving the mapped axis free.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if ways == 1 or x.shape[0] % ways:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1))))
 
 
 def _param(module: nn.Module, name: str, shape: Sequence[int], axes: tuple, init):
@@ -97,26 +120,28 @@ class Attention(nn.Module):
         if cfg.smeared_key:
             s0 = math.log(cfg.smear_init / (1 - cfg.smear_init))
             alpha_H = _param(self, "smear", (h,), ("heads",), nn.initializers.constant(s0))
-        v_BTHd = jnp.einsum("btd,dhe->bthe", x_BTD, w_v)
+        # Heads-major [B, H, T, d] layout: scores and the weighted sum are plain batched matmuls, which XLA's CPU
+        # backend runs ~3x faster than the same contractions with the head axis in the middle.
+        v_BHTd = jnp.einsum("btd,dhe->bhte", x_BTD, w_v)
         if pattern_BHQK is None:
-            q_BTHd = jnp.einsum("btd,dhe->bthe", qk_in_BTD, w_q)
-            k_BTHd = jnp.einsum("btd,dhe->bthe", qk_in_BTD, w_k)
+            q_BHTd = jnp.einsum("btd,dhe->bhte", qk_in_BTD, w_q)
+            k_BHTd = jnp.einsum("btd,dhe->bhte", qk_in_BTD, w_k)
             if cfg.positions == "rotary":
-                q_BTHd, k_BTHd = rotate(q_BTHd), rotate(k_BTHd)
+                q_BHTd, k_BHTd = rotate(q_BHTd), rotate(k_BHTd)
             if cfg.smeared_key:
-                s = jax.nn.sigmoid(alpha_H.astype(jnp.float32)).astype(cdt)[None, None, :, None]
+                s = jax.nn.sigmoid(alpha_H.astype(jnp.float32)).astype(cdt)[None, :, None, None]
                 # j = 0 has no predecessor: pairing it with itself leaves it unmixed.
-                prev_BTHd = jnp.concatenate([k_BTHd[:, :1], k_BTHd[:, :-1]], axis=1)
-                k_BTHd = s * k_BTHd + (1 - s) * prev_BTHd
-            scores_BHQK = jnp.einsum("bqhe,bkhe->bhqk", q_BTHd, k_BTHd).astype(jnp.float32) / math.sqrt(dh)
+                prev_BHTd = jnp.concatenate([k_BHTd[:, :, :1], k_BHTd[:, :, :-1]], axis=2)
+                k_BHTd = s * k_BHTd + (1 - s) * prev_BHTd
+            scores_BHQK = jnp.einsum("bhqe,bhke->bhqk", q_BHTd, k_BHTd).astype(jnp.float32) / math.sqrt(dh)
             mask_HQK = attention_mask(cfg, x_BTD.shape[1])
             scores_BHQK = jnp.where(mask_HQK[None], scores_BHQK, jnp.finfo(jnp.float32).min)
             pattern_BHQK = jax.nn.softmax(scores_BHQK, axis=-1)
-        z_BTHd = jnp.einsum("bhqk,bkhe->bqhe", pattern_BHQK.astype(cdt), v_BTHd)
+        z_BHTd = jnp.einsum("bhqk,bhke->bhqe", pattern_BHQK.astype(cdt), v_BHTd)
         if head_mask_H is not None:
-            z_BTHd = z_BTHd * head_mask_H.astype(cdt)[None, None, :, None]
-        out_BTD = jnp.einsum("bqhe,hed->bqd", z_BTHd, w_o)
-        results_BTHD = jnp.einsum("bqhe,hed->bqhd", z_BTHd, w_o) if want_results else None
+            z_BHTd = z_BHTd * head_mask_H.astype(cdt)[None, :, None, None]
+        out_BTD = jnp.einsum("bhqe,hed->bqd", z_BHTd, w_o)
+        results_BTHD = jnp.einsum("bhqe,hed->bqhd", z_BHTd, w_o) if want_results else None
         return out_BTD, pattern_BHQK, results_BTHD
 
 
@@ -180,7 +205,7 @@ class Transformer(nn.Module):
         x_BTD = jnp.take(self.W_E, tokens_BT, axis=0).astype(_dtype(cfg.dtype))
         if cfg.positions == "learned":
             x_BTD = x_BTD + self.positions(t)[None].astype(x_BTD.dtype)
-        return x_BTD
+        return shard_batch(x_BTD)
 
     def __call__(self, tokens_BT, head_mask=None, patterns=None, capture: Sequence[str] = ()):
         return self.run_from(0, self.embed(tokens_BT), head_mask, patterns, capture)
@@ -205,6 +230,7 @@ class Transformer(nn.Module):
                 None if head_mask is None else head_mask[layer],
                 None if patterns is None else patterns[layer],
                 want_results)
+            x_BTD = shard_batch(x_BTD)
             pats.append(pat)
             results.append(res)
         resid.append(x_BTD)
