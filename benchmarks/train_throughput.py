@@ -42,7 +42,8 @@ def measure(config_path: str, overrides: list[str], steps: int) -> dict:
     dt = time.perf_counter() - t0
     tps = steps * trainer.tokens_per_step / dt
     flops = step.flops_per_token(cfg)
-    pk = peak.matmul_probe()
+    # CPU: a float32 matmul probe measured now; accelerators: the datasheet peak for the compute dtype.
+    pk = peak.matmul_probe() if jax.devices()[0].platform == "cpu" else peak.device_peak(cfg.model.dtype)[0]
     return {"config": config_path, "tokens_per_s": tps, "gflops": tps * flops / 1e9, "peak_gflops": pk / 1e9,
             "mfu": tps * flops / pk, "ms_per_step": 1e3 * dt / steps}
 
@@ -66,11 +67,22 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=DEFAULT)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--side-by-side", action="store_true")
+    ap.add_argument("--inline", action="store_true",
+                    help="measure in this process on its default device (e.g. a GPU), no child processes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.child:
         return _child(args)
+    if args.inline:
+        import jax
+        print(f"device: {jax.devices()[0].device_kind}")
+        print(f"{'config':32s} {'tok/s':>10s} {'ms/step':>8s} {'TFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
+        for c in args.configs:
+            r = measure(c, args.overrides, args.steps)
+            print(f"{c:32s} {r['tokens_per_s']:10.0f} {r['ms_per_step']:8.1f} {r['gflops'] / 1e3:8.1f} "
+                  f"{r['peak_gflops'] / 1e3:7.0f} {r['mfu']:6.1%}", flush=True)
+        return
     print(f"{'config':40s} {'mode':28s} {'tok/s':>9s} {'ms/step':>8s} {'GFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
     for c in args.configs:
         rows = [("1 process, 2 threads", [run_child(c, args.overrides, args.steps)])]

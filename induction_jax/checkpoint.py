@@ -15,6 +15,7 @@ reader that lists steps the way Orbax does never sees a half-written one.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -42,6 +43,12 @@ class SnapshotError(UserError):
 
 class RunDirError(UserError):
     """A directory that is not a run directory; one-line message naming it."""
+
+
+def _absolute(path) -> epath.Path:
+    """Orbax refuses relative paths; object-store URLs (gs://...) are left as they are."""
+    text = str(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def install_sigterm_handler():
@@ -94,7 +101,7 @@ class ResumeCheckpointer:
     def __init__(self, directory: str | epath.Path, *, every: int = 1):
         if every < 1:
             raise ValueError(f"ResumeCheckpointer: every must be >= 1, got {every}")
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         # A save_decision_policy replaces Orbax's default policy, preemption saving included, so it is listed.
         policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(every),
                                          policies.PreemptionCheckpointingPolicy()])
@@ -149,7 +156,7 @@ class SnapshotWriter:
     """Params-only snapshots, one per scheduled step, each with its metadata; all are kept."""
 
     def __init__(self, directory: str | epath.Path):
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         # Every save is forced: the schedule lives in the caller, and Orbax's own policy would skip steps.
         options = ocp.CheckpointManagerOptions(max_to_keep=None, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=True)
@@ -193,7 +200,7 @@ class SnapshotReader:
     """
 
     def __init__(self, run_dir: str | epath.Path):
-        self.run_dir = epath.Path(run_dir)
+        self.run_dir = _absolute(run_dir)
         self.directory = self.run_dir / SNAPSHOTS_DIR
         if not self.run_dir.is_dir():
             raise RunDirError(f"{self.run_dir}: no such run directory")

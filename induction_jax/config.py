@@ -154,7 +154,10 @@ def _one_line(e: OmegaConfBaseException) -> str:
 def build(layers: Sequence[tuple[str, dict]] = (), overrides: Sequence[str] = ()) -> Config:
     """Merges (source, dict) layers and dotted `key=value` overrides onto the defaults; validates."""
     merged = OmegaConf.structured(Config)
+    # Frozen dataclasses make every node read-only (OmegaConf 2.3 marks each section itself, not just the root).
     OmegaConf.set_readonly(merged, False)
+    for section in merged:
+        OmegaConf.set_readonly(merged[section], False)
     for source, data in layers:
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(data))

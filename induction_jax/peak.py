@@ -15,9 +15,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-# Dense peak FLOP/s per chip: (bfloat16, float32).
+# Dense peak FLOP/s per chip: (bfloat16, float32). On NVIDIA GPUs XLA runs float32 matmuls as TF32 by default,
+# so their float32 figure is the TF32 tensor-core peak.
 DATASHEET = {
-    "H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12),
+    "H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12),
     "TPU v4": (275e12, 275e12 / 2), "TPU v5 lite": (197e12, 197e12 / 2), "TPU v5e": (197e12, 197e12 / 2),
     "TPU v5p": (459e12, 459e12 / 2), "TPU v6 lite": (918e12, 918e12 / 2), "TPU v6e": (918e12, 918e12 / 2),
 }

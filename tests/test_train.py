@@ -146,3 +146,11 @@ def test_cli_error_is_one_line(tmp_path):
                         "--run-dir", str(tmp_path / "x")], capture_output=True, text=True, env=_env(1))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "model.d_model" in r.stderr
+
+
+def test_relative_run_dir(base, tmp_path):
+    root, ov = base
+    r = subprocess.run(_cmd("rel_run", ov, ["train.steps=4", "train.probe_every=0"]), env=_env(1), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert checkpoint.SnapshotReader(tmp_path / "rel_run").steps() == [4]
