@@ -30,16 +30,19 @@ ABLATION_SNAPSHOTS = 8
 
 
 def _steps_done(run_dir: Path) -> int:
+    """The last step logged in metrics.jsonl (read from the file's tail: it grows by a line per step)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
+    with path.open("rb") as f:
+        f.seek(max(f.seek(0, os.SEEK_END) - 4096, 0))
+        lines = f.read().decode(errors="replace").splitlines()[1:]
     done = 0
-    with path.open() as f:
-        for line in f:
-            try:
-                done = max(done, json.loads(line).get("step", 0))
-            except ValueError:
-                pass  # a line being written
+    for line in lines:
+        try:
+            done = max(done, json.loads(line).get("step", 0))
+        except ValueError:
+            pass  # a line being written
     return done
 
 
