@@ -60,7 +60,7 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
         pass
     flops = matmul_probe()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # processes sharing a home directory may probe at once
     tmp.write_text(json.dumps({"key": key, "flops": flops}))
     tmp.replace(path)
     return flops, "float32 matmul probe"
