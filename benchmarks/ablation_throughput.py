@@ -8,24 +8,15 @@ frozen), (b) a Python loop over heads calling the jitted single-mask function (c
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import best_time
+
 from induction_jax import ablate, config
 from induction_jax import model as model_lib
-
-
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -56,7 +47,7 @@ def main() -> None:
     def clean():
         return [[fwd(params, b) for _ in range(h)] for b in batches]
 
-    ta, tb, tc = timed(vmapped), timed(loop), timed(clean)
+    ta, tb, tc = best_time(vmapped), best_time(loop), best_time(clean)
     n_tok = tokens.size
     print(f"config {args.config}; {h} heads; {args.examples} x {m.context} eval tokens in batches of {args.batch}")
     print(f"{'job':52s} {'seconds':>8s} {'head-evals/s':>13s}")

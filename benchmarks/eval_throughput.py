@@ -10,23 +10,14 @@ on the values). Target: eval >= 2.5x the training step's tokens/s, as there is n
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 
+from timing import best_time
+
 from induction_jax import config, evaluate, heads, sharding, step
 from induction_jax import model as model_lib
-
-
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -51,19 +42,19 @@ def main() -> None:
             state, out = trainer.step_fn(state, batch)
         jax.block_until_ready(out)
 
-    train_tps = args.train_steps * trainer.tokens_per_step / timed(train_steps, 1)
+    train_tps = args.train_steps * trainer.tokens_per_step / best_time(train_steps, 1)
     params = jax.device_get(state["params"])
     model = model_lib.make(m)
     tokens = rng.integers(0, m.vocab_size, (args.examples, m.context), dtype=np.int32)
-    eval_s = timed(lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size))
+    eval_s = best_time(lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size))
     eval_tps = tokens.size / eval_s
     sample = heads.uniform_sampler(m.vocab_size)
-    t_prefix = timed(lambda: heads.prefix_matching(model, params, cfg.eval, sample, 0, 0))
-    t_copy = timed(lambda: heads.copying(model, params, cfg.eval, sample, 0, 0))
+    t_prefix = best_time(lambda: heads.prefix_matching(model, params, cfg.eval, sample, 0, 0))
+    t_copy = best_time(lambda: heads.copying(model, params, cfg.eval, sample, 0, 0))
     prev_tokens = tokens[:64]
-    t_prev = timed(lambda: heads.previous_token(model, params, prev_tokens, cfg.eval.batch_size))
+    t_prev = best_time(lambda: heads.previous_token(model, params, prev_tokens, cfg.eval.batch_size))
     prev = heads.previous_token(model, params, prev_tokens, cfg.eval.batch_size)
-    t_qk = timed(lambda: heads.qk_trace(params, m, prev))
+    t_qk = best_time(lambda: heads.qk_trace(params, m, prev))
     print(f"config {args.config}; {jax.device_count()} device(s), {jax.devices()[0].device_kind}")
     print(f"{'measure':44s} {'value':>14s}")
     print(f"{'train step tokens/s':44s} {train_tps:14,.0f}")

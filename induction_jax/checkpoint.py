@@ -90,7 +90,26 @@ def _json_dict(extra: dict, what: str) -> dict:
         raise ValueError(f"{what}: not JSON-serialisable ({e})") from None
 
 
-class ResumeCheckpointer:
+class _Managed:
+    """Shared by the two writers: both wrap one Orbax CheckpointManager in `self._manager`."""
+
+    _manager: ocp.CheckpointManager
+
+    def wait(self) -> None:
+        """Blocks until the pending save is committed (and re-raises its error, if any)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ResumeCheckpointer(_Managed):
     """The full train state every `every` steps and at preemption, keeping the latest 2.
 
     `state` is any pytree of jax arrays (params, optimizer state, step counter, typed PRNG keys); `extra` is a
@@ -138,21 +157,9 @@ class ResumeCheckpointer:
         restored = self._manager.restore(step, args=args)
         return restored[_STATE], dict(restored[_EXTRA] or {})
 
-    def wait(self) -> None:
-        """Blocks until the pending save is committed (and re-raises its error, if any)."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
-class SnapshotWriter:
+class SnapshotWriter(_Managed):
     """Params-only snapshots, one per scheduled step, each with its metadata; all are kept."""
 
     def __init__(self, directory: str | epath.Path):
@@ -179,17 +186,6 @@ class SnapshotWriter:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class SnapshotReader:

@@ -407,18 +407,27 @@ def loss_heatmap(path, tokens_S, loss_SI, index_I, window=None, title: str = "",
     Training tokens run along x (as in every other figure), token index along y. Cells have geometric edges, so
     log-spaced snapshots get equal-width columns. The colour scale is clipped to the 1st-99th percentile (arrows
     on the colour bar say so) because the untrained model's loss would otherwise use up the whole scale."""
-    tokens_S, index_I = _as_1d(tokens_S, "tokens_S"), _as_1d(index_I, "index_I")
-    loss_SI = np.asarray(loss_SI, np.float64).reshape(tokens_S.size, -1)
-    if loss_SI.shape[1] != index_I.size:
-        raise ValueError(f"loss_SI: {loss_SI.shape[1]} columns but {index_I.size} token indices")
-    tok, loss, dropped = _positive_sorted(tokens_S, loss_SI)
-    idx, loss_IS, dropped_idx = _positive_sorted(index_I, loss.T)
+    return _token_heatmap(path, tokens_S, loss_SI, index_I, "token indices", window, return_fig,
+                          colours=lambda v: (_grey_bad("viridis"), mcolors.Normalize(*_robust_range(v)), "loss (nats)"),
+                          title=title or "Per-token loss over training and context", dropped_what="token index(es)")
+
+
+def _token_heatmap(path, tokens_S, values_SY, y_Y, y_name: str, window, return_fig: bool, *, colours, title: str,
+                   dropped_what: str):
+    """A (training tokens x, token index y) heat map on log-log axes with geometric cell edges; `colours(values)`
+    gives (cmap, norm, colour-bar label). Shared by the loss and d loss / d log index views."""
+    tokens_S, y_Y = _as_1d(tokens_S, "tokens_S"), _as_1d(y_Y, y_name)
+    v_SY = np.asarray(values_SY, np.float64).reshape(tokens_S.size, -1)
+    if v_SY.shape[1] != y_Y.size:
+        raise ValueError(f"{y_name}: {v_SY.shape[1]} columns but {y_Y.size} entries")
+    tok, v, dropped = _positive_sorted(tokens_S, v_SY)
+    y, v_YS, dropped_y = _positive_sorted(y_Y, v.T)
     fig, ax = _figure()
-    if tok.size and idx.size:
-        lo, hi = _robust_range(loss_IS)
-        mesh = ax.pcolormesh(_log_edges(tok), _log_edges(idx), np.ma.masked_invalid(loss_IS),
-                             cmap=_grey_bad("viridis"), vmin=lo, vmax=hi, shading="flat", rasterized=True)
-        fig.colorbar(mesh, ax=ax, label="loss (nats)", extend=_extend(loss_IS, lo, hi))
+    if tok.size and y.size:
+        cmap, norm, label = colours(v_YS)
+        mesh = ax.pcolormesh(_log_edges(tok), _log_edges(y), np.ma.masked_invalid(v_YS), cmap=cmap, norm=norm,
+                             shading="flat", rasterized=True)
+        fig.colorbar(mesh, ax=ax, label=label, extend=_extend(v_YS, norm.vmin, norm.vmax))
         _window_lines(ax, window)
         if _valid_window(window):
             ax.legend(loc="upper right", framealpha=0.85)
@@ -426,9 +435,9 @@ def loss_heatmap(path, tokens_S, loss_SI, index_I, window=None, title: str = "",
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("token index")
-    ax.set_title(title or "Per-token loss over training and context")
+    ax.set_title(title)
     _plain_log_ticks(ax.yaxis)
-    _note_dropped(ax, (dropped, "snapshot(s)"), (dropped_idx, "token index(es)"))
+    _note_dropped(ax, (dropped, "snapshot(s)"), (dropped_y, dropped_what))
     return _save(fig, path, return_fig)
 
 
@@ -440,30 +449,13 @@ def dloss_dlog_index(path, tokens_S, centres_B, dloss_SB, window=None, title: st
     Diverging colours centred at 0: blue where later tokens are predicted better than earlier ones (in-context
     learning); after the phase change the blue band reaches into large token indices. A heat map reads better
     than a few lines here because the change is a sweep over training time."""
-    tokens_S, centres_B = _as_1d(tokens_S, "tokens_S"), _as_1d(centres_B, "centres_B")
-    d_SB = np.asarray(dloss_SB, np.float64).reshape(tokens_S.size, -1)
-    if d_SB.shape[1] != centres_B.size:
-        raise ValueError(f"dloss_SB: {d_SB.shape[1]} columns but {centres_B.size} bin centres")
-    tok, d, dropped = _positive_sorted(tokens_S, d_SB)
-    cen, d_BS, dropped_b = _positive_sorted(centres_B, d.T)
-    fig, ax = _figure()
-    if tok.size and cen.size:
-        v = _symmetric_limit(d_BS)
-        mesh = ax.pcolormesh(_log_edges(tok), _log_edges(cen), np.ma.masked_invalid(d_BS),
-                             cmap=_grey_bad("RdBu_r"), norm=mcolors.Normalize(-v, v), shading="flat",
-                             rasterized=True)
-        fig.colorbar(mesh, ax=ax, label="d loss / d ln(token index) (nats)", extend=_extend(d_BS, -v, v))
-        _window_lines(ax, window)
-        if _valid_window(window):
-            ax.legend(loc="upper right", framealpha=0.85)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("token index")
-    ax.set_title(title or "Derivative of loss with respect to log token index over training")
-    _plain_log_ticks(ax.yaxis)
-    _note_dropped(ax, (dropped, "snapshot(s)"), (dropped_b, "bin(s)"))
-    return _save(fig, path, return_fig)
+    def colours(v):
+        lim = _symmetric_limit(v)
+        return _grey_bad("RdBu_r"), mcolors.Normalize(-lim, lim), "d loss / d ln(token index) (nats)"
+
+    return _token_heatmap(path, tokens_S, dloss_SB, centres_B, "bin centres", window, return_fig, colours=colours,
+                          title=title or "Derivative of loss with respect to log token index over training",
+                          dropped_what="bin(s)")
 
 
 @_styled
