@@ -1,9 +1,7 @@
 """Figures, tidy tables and report.md from the results stores of one or more analysed runs.
 
-The phase-change window of a run is where its ICL score changes fastest: from the first snapshot that has made 20%
-of the run's total ICL improvement to the first that has made 80% of it (a rise-time definition, robust to a noisy
-single snapshot); the steepest point in log tokens inside it is reported too. No window is claimed when the total
-improvement is under `MIN_IMPROVEMENT` nats.
+The phase-change window of a run is where its ICL score changes fastest (see `detect_window`); no window is
+claimed when that fall is under `MIN_IMPROVEMENT` nats.
 """
 
 from __future__ import annotations
@@ -23,22 +21,26 @@ LO, HI = 0.2, 0.8
 
 
 def detect_window(tokens_S, icl_S) -> dict | None:
+    """The phase-change window: around the steepest fall of the (3-snapshot smoothed) ICL score, from the first
+    snapshot that has made 20% of that fall to the first that has made 80%, the fall measured from the highest
+    score before the steepest point to the lowest after it — so an early transient (untrained models often start
+    with a positive ICL score that quickly drops to zero) does not stretch the window back to the start."""
     tokens_S, icl_S = np.asarray(tokens_S, float), np.asarray(icl_S, float)
-    if len(icl_S) < 3:
+    if len(icl_S) < 3 or not np.all(np.isfinite(icl_S)):
         return None
-    gain_S = icl_S[0] - icl_S  # positive = more in-context learning than at the first snapshot
-    total = gain_S.max()
-    if not np.isfinite(total) or total < MIN_IMPROVEMENT:
+    smooth_S = np.convolve(np.pad(icl_S, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    k = int(np.argmin(np.diff(smooth_S)))  # steepest fall between snapshots k and k+1
+    top = int(np.argmax(smooth_S[: k + 1]))
+    bottom = k + 1 + int(np.argmin(smooth_S[k + 1:]))
+    total = smooth_S[top] - smooth_S[bottom]
+    if total < MIN_IMPROVEMENT:
         return None
-    i0 = int(np.argmax(gain_S >= LO * total))
-    i1 = int(np.argmax(gain_S >= HI * total))
-    i0 = max(min(i0, i1) - 1, 0)  # the last snapshot before the rise begins
-    logt = np.log(np.maximum(tokens_S, 1.0))
-    slope = np.diff(icl_S[i0: i1 + 1]) / np.maximum(np.diff(logt[i0: i1 + 1]), 1e-9)
-    k = i0 + int(np.argmin(slope)) if slope.size else i0
+    fall_S = smooth_S[top] - smooth_S
+    i1 = top + int(np.argmax(fall_S[top: bottom + 1] >= HI * total))
+    i0 = top + int(np.argmax(fall_S[top: bottom + 1] >= LO * total))
+    i0 = max(min(i0, i1) - 1, top)  # the last snapshot before the fall reaches 20%
     return {"start_index": i0, "end_index": i1, "start_tokens": float(tokens_S[i0]),
-            "end_tokens": float(tokens_S[i1]), "steepest_tokens": float(np.sqrt(tokens_S[k] * tokens_S[min(k + 1,
-                                                                                            len(tokens_S) - 1)])),
+            "end_tokens": float(tokens_S[i1]), "steepest_tokens": float(np.sqrt(tokens_S[k] * tokens_S[k + 1])),
             "total_improvement": float(total)}
 
 

@@ -174,3 +174,13 @@ def test_score_heads_matches_the_stored_scores(run_dir, tmp_path):
     _, stored, measures = run.head_scores()
     for i, m in enumerate(measures):
         np.testing.assert_allclose(fresh[m], stored[-1, ..., i], atol=1e-6)
+
+
+def test_detect_window_ignores_an_early_transient():
+    tokens = np.arange(1, 41) * 1e5
+    icl = np.where(np.arange(40) < 25, 0.0, -0.4)
+    icl[25:28] = [-0.1, -0.2, -0.3]  # the phase change: snapshots 24-28
+    icl[0] = 0.15  # an untrained model's positive score that quickly vanishes
+    w = report.detect_window(tokens, icl)
+    assert 22 <= w["start_index"] <= 25 and 26 <= w["end_index"] <= 29
+    assert report.detect_window(tokens, np.zeros(40)) is None
