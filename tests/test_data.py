@@ -35,7 +35,8 @@ def write_corpus(root: Path, n_files: int = 40, seed: int = 0) -> Path:
 def make_cfg(sources, cache, **data_kw):
     d = {"sources": [str(s) for s in sources], "cache_dir": str(cache), "eval_fraction": 0.2,
          "eval_examples": 16, "eval_length": 64, **data_kw}
-    return from_dict({"model": {"vocab_size": 300, "context": SEQ}, "data": d})
+    # A short context needs a short prefix-matching sequence (1 + 7 x 4 tokens), or the config is refused.
+    return from_dict({"model": {"vocab_size": 300, "context": SEQ}, "data": d, "eval": {"prefix_tokens": 7}})
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,7 @@ def test_device_batch_single_process(prepared):
 
 def test_cli_prepare(corpus_dir, tmp_path, capsys):
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(f"model: {{vocab_size: 300, context: {SEQ}}}\n")
+    cfg_path.write_text(f"model: {{vocab_size: 300, context: {SEQ}}}\neval: {{prefix_tokens: 7}}\n")
     args = ["prepare", "--quiet", "--config", str(cfg_path), f"data.sources=[{corpus_dir}]",
             f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0.2", "data.eval_examples=4"]
     assert data.main(args) == 0
