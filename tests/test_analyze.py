@@ -112,7 +112,7 @@ def test_run_api(run_dir, tmp_path):
     stored = run.per_token_losses(24)
     from induction_jax import evaluate
     fresh = evaluate.per_token_losses(run.model, run.params(24), run.eval_set()[0], 8)
-    np.testing.assert_allclose(stored, fresh, atol=1e-6)
+    np.testing.assert_allclose(stored, fresh, rtol=1e-5, atol=1e-5)  # stored ones were sharded over 8 devices
     assert set(run.icl_scores()) == set(run.steps)
     steps, scores, measures = run.head_scores()
     assert scores.shape == (6, 2, 4, 4) and measures[0] == "prefix_matching"
