@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint, cli, data, evaluate, heads
+from . import config as config_lib
 from . import model as model_lib
 from .config import Config, UserError
 from .store import MEASURES, Store, store_key
@@ -32,7 +33,6 @@ class RunContext:
         cfg_path = self.run_dir / "config.yaml"
         if not cfg_path.exists():
             raise checkpoint.RunDirError(f"{self.run_dir}: not a run directory (no config.yaml)")
-        from . import config as config_lib
         self.cfg: Config = config_lib.load(cfg_path)
         self.prepared = data.prepare(self.cfg, progress=progress)
         self.tokens_NL, self.random_index_N = self.prepared.eval_set()

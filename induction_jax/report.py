@@ -257,7 +257,7 @@ def write(contexts: list[RunContext], out: Path | None = None, before_after=(Non
                     title="ICL score (±window average)")
     lines = ["# In-context learning and induction heads: report", ""]
     lines.append(f"Runs: {', '.join(r.name for r in results)}. Eval set hash `{contexts[0].eval_hash[:16]}`.")
-    lines += ["", f"![ICL score vs training tokens](figures/icl.png)", ""]
+    lines += ["", "![ICL score vs training tokens](figures/icl.png)", ""]
     if sum(len(r.steps) for r in results) >= 3:
         proj, explained = joint_pca(results)
         plots.pca_trajectories(fig / "pca", {r.name: (r.tokens, p) for r, p in zip(results, proj)},

@@ -16,7 +16,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from corpus import tiny_overrides
 from induction_jax import checkpoint, config, data, sharding
