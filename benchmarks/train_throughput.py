@@ -1,7 +1,8 @@
 """Training throughput and MFU of the CPU configs, with this machine's float32 matmul peak measured in the same run.
 
     python benchmarks/train_throughput.py [--configs configs/cpu/attn_only_2l.yaml ...] [--steps 30] [key=value ...]
-    python benchmarks/train_throughput.py --side-by-side   # also: 2 single-threaded processes, one per core
+    python benchmarks/train_throughput.py --side-by-side   # also: 2 single-threaded processes, one per core, and
+                                                           # 1 process data-parallel over 2 single-threaded devices
 
 Random tokens stand in for data (the loader is benchmarked separately); the step is the real jitted train step.
 """
@@ -19,14 +20,14 @@ DEFAULT = ["configs/cpu/attn_only_1l.yaml", "configs/cpu/attn_only_2l.yaml", "co
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def measure(config_path: str, overrides: list[str], steps: int) -> dict:
+def measure(config_path: str, overrides: list[str], steps: int, n_devices: int = 1) -> dict:
     import jax
     import numpy as np
 
     from induction_jax import config, peak, sharding, step
 
     cfg = config.load(config_path, overrides)
-    mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    mesh = sharding.make_mesh(config.MeshConfig(data=n_devices, fsdp=1, tensor=1), jax.devices()[:n_devices])
     trainer = step.build(cfg, mesh)
     state = trainer.init_fn(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -44,19 +45,21 @@ def measure(config_path: str, overrides: list[str], steps: int) -> dict:
     flops = step.flops_per_token(cfg)
     # CPU: a float32 matmul probe measured now; accelerators: the datasheet peak for the compute dtype.
     pk = peak.matmul_probe() if jax.devices()[0].platform == "cpu" else peak.device_peak(cfg.model.dtype)[0]
+    pk *= n_devices  # the probe measures one device (one core when single-threaded)
     return {"config": config_path, "tokens_per_s": tps, "gflops": tps * flops / 1e9, "peak_gflops": pk / 1e9,
             "mfu": tps * flops / pk, "ms_per_step": 1e3 * dt / steps}
 
 
 def _child(args) -> None:
-    print(json.dumps(measure(args.child, args.overrides, args.steps)))
+    print(json.dumps(measure(args.child, args.overrides, args.steps, args.devices)))
 
 
-def run_child(config_path, overrides, steps, single_thread=False, cpu=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+def run_child(config_path, overrides, steps, single_thread=False, cpu=None, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
     if single_thread:
         env["XLA_FLAGS"] = SINGLE_THREAD
-    cmd = [sys.executable, __file__, "--child", config_path, "--steps", str(steps), *overrides]
+    cmd = [sys.executable, __file__, "--child", config_path, "--steps", str(steps), "--devices", str(devices),
+           *overrides]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--inline", action="store_true",
                     help="measure in this process on its default device (e.g. a GPU), no child processes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.child:
@@ -89,6 +93,7 @@ def main() -> None:
         if args.side_by_side:
             rows.append(("2 processes x 1 thread (sum)",
                          [run_child(c, args.overrides, args.steps, True, cpu) for cpu in (0, 1)]))
+            rows.append(("1 process, 2 devices x 1 thread", [run_child(c, args.overrides, args.steps, True, None, 2)]))
         for mode, procs in rows:
             results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
             tps = sum(r["tokens_per_s"] for r in results)

@@ -48,10 +48,11 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
+    head_dim: int = 0  # 0 = d_model // n_heads; larger gives each head's OV circuit more rank than d_model allows
 
     @property
     def d_head(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                      ("train.batch_size", t.batch_size), ("train.steps", t.steps)]:
         if val < 1:
             fail(key, f"must be >= 1, got {val}")
-    if m.d_model % m.n_heads:
-        fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.head_dim < 0:
+        fail("model.head_dim", f"{m.head_dim} is negative (0 means d_model // n_heads)")
+    if not m.head_dim and m.d_model % m.n_heads:
+        fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
     if m.vocab_size > MAX_VOCAB:
         fail("model.vocab_size", f"{m.vocab_size} exceeds {MAX_VOCAB} (tokens are stored as uint16)")
     if m.positions not in POSITIONS:

@@ -78,9 +78,9 @@ def flops_per_token(cfg: Config) -> float:
     """Analytic training FLOPs per token (forward + backward = 3x forward).
 
     Matmuls: 6 x (non-embedding params + unembedding). Attention scores and the weighted sum of values are counted
-    causally: the average query attends to T/2 keys, so 2 matmuls x 2 FLOPs x d_model x T/2 per layer forward,
-    i.e. 6 * n_layers * T * d_model for forward + backward. The embedding lookup is free.
+    causally: the average query attends to T/2 keys, so 2 matmuls x 2 FLOPs x (n_heads x d_head) x T/2 per layer
+    forward, i.e. 6 * n_layers * T * n_heads * d_head for forward + backward. The embedding lookup is free.
     """
     m = cfg.model
     dense = model_lib.count_params(m, embedding=False) + m.d_model * m.vocab_size
-    return 6.0 * dense + 6.0 * m.n_layers * m.context * m.d_model
+    return 6.0 * dense + 6.0 * m.n_layers * m.context * m.n_heads * m.d_head

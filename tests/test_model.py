@@ -147,3 +147,14 @@ def test_bfloat16_compute_runs():
     cfg, m, p = _setup(dtype="bfloat16")
     out = m.apply({"params": p}, _tokens(8))
     assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+
+
+def test_head_dim_widens_heads_independently_of_d_model():
+    cfg, m, p = _setup(d_model=30, n_heads=4, head_dim=16)  # 30 is not divisible by 4: head_dim decides
+    attn = p["block_0"]["attn"]
+    assert attn["W_Q"].shape == (30, 4, 16) and attn["W_O"].shape == (4, 16, 30)
+    tokens = _tokens(3)
+    logits, cap = m.apply({"params": p}, tokens, capture=("patterns",))
+    assert logits.shape == (2, 16, 64) and cap["patterns"].shape == (2, 2, 4, 16, 16)
+    # 4 heads of width 16 in each of 2 layers: Q, K, V, O are 4 x 30 x 64 weights per layer, plus 2 LayerNorms
+    assert model.count_params(cfg, embedding=False) == 2 * (4 * 30 * 64 + 2 * 30) + 2 * 30

@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+from induction_jax import demo
+
+
+@pytest.mark.parametrize("cores,batches,want", [(2, [8, 32], 2), (3, [8, 32], 2), (16, [8, 32], 8), (1, [8], 1),
+                                               (4, [6, 32], 2)])
+def test_demo_devices_divide_every_batch(monkeypatch, cores, batches, want):
+    monkeypatch.setattr(demo, "_cores", lambda: cores)
+    assert demo.demo_devices(batches) == want
+
+
+def test_device_env_single_threaded_devices():
+    env = demo.device_env(2)
+    assert env["JAX_NUM_CPU_DEVICES"] == "2" and "multi_thread_eigen=false" in env["XLA_FLAGS"]
+
+
+def test_progress_readers_take_the_newest_records(tmp_path):
+    lines = [{"step": s, "loss": 1.0} for s in range(1, 40)]
+    lines.insert(20, {"step": 20, "probe_icl": -0.1, "probe_max_prefix": 0.2})
+    lines.append({"step": 39, "probe_icl": -0.4, "probe_max_prefix": 0.6})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 4')  # torn line
+    assert demo._steps_done(tmp_path) == 39
+    assert demo._last_probe(tmp_path)["probe_max_prefix"] == 0.6
+    assert demo._steps_done(tmp_path / "missing") == 0 and demo._last_probe(tmp_path / "missing") == {}
+
+
+def test_ablation_steps_cover_before_during_and_after_the_window():
+    steps = list(range(100, 4100, 100))
+    picks = demo.ablation_steps(steps, {"start_index": 10, "end_index": 20})
+    assert picks[0] == 100 and picks[-1] == 4000
+    assert 1000 in picks and 2200 in picks  # the snapshots just before and just after the window
+    assert sum(1100 <= s <= 2100 for s in picks) >= 3
