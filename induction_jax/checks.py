@@ -66,6 +66,22 @@ def pca_pivot_tokens(tokens, xy_S2) -> float | None:
     return float(tokens[1 + int(np.argmax(ang))])
 
 
+def copying_info(r: RunResults, ranks: dict, vocab: int, n: int = 2) -> list[str]:
+    """INFO lines for the `n` heads with the highest prefix matching at the last snapshot: their copying score next
+    to `heads.copying_rank` (how often the token a head reads is its top direct-path logit), which shows whether a
+    low copying score means the head does not copy or that its other logits are noisy."""
+    pm_LH, cp_LH = r.measure("prefix_matching")[-1], r.measure("copying")[-1]
+    order = np.argsort(-np.nan_to_num(pm_LH, nan=-1.0), axis=None)[:n]
+    lines = []
+    for flat in order:
+        l, h = np.unravel_index(flat, pm_LH.shape)
+        lines.append(f"INFO head {l}.{h} at step {int(r.steps[-1])}: prefix matching {pm_LH[l, h]:.2f}, copying "
+                     f"{cp_LH[l, h]:+.2f}; the token it reads is its top direct-path logit for "
+                     f"{ranks['top1'][l, h]:.0%} of sources (median rank {ranks['median_rank'][l, h]:.0f} of "
+                     f"{vocab}).")
+    return lines
+
+
 def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation: dict | None,
                 extras: dict) -> list[str]:
     lines = []

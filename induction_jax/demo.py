@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     print(f"2/4 training three models, each data-parallel over {n_devices} CPU device(s)", flush=True)
     train_all(out, args.overrides, n_devices)
 
-    from . import ablate, analyze, checks, report
+    from . import ablate, analyze, checks, heads, report
     print("3/4 analyzing every snapshot", flush=True)
     contexts = {name: analyze.analyze_run(out / name, out / name / "analysis") for name in RUNS}
     two = report.RunResults(contexts["attn_only_2l"])
@@ -184,6 +184,10 @@ def main(argv=None) -> int:
               "PCA pivot (sharpest turn of the trajectory)": checks.pca_pivot_tokens(two.tokens, proj[0])}
     lines = checks.demo_checks(results["attn_only_2l"], results["attn_only_1l"], results["smeared_key_1l"],
                                abl, extras)
+    ctx2 = contexts["attn_only_2l"]
+    ranks = heads.copying_rank(ctx2.model, ctx2.params(int(two.steps[-1])), ctx2.cfg.eval, ctx2.sampler(),
+                               ctx2.prepared.bos_id, np.random.default_rng(ctx2.cfg.data.seed + 1))
+    lines += checks.copying_info(two, ranks, ctx2.cfg.model.vocab_size)
     text = path.read_text() + "\n## Checks of the paper's claims (measured in this run)\n\n```\n" + \
         "\n".join(lines) + "\n```\n" + f"\nDemo wall time (this invocation): {(time.time() - t0) / 60:.1f} min.\n"
     path.write_text(text)

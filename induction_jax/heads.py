@@ -109,16 +109,15 @@ def source_outputs(cfg: ModelConfig, params: dict, resid_LBTD: jax.Array) -> jax
     return jnp.einsum("lbthe,lhef->lbthf", value_LBTHE, _stack(params, cfg, "W_O"))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _copying(model, params, tokens_BT):
+def _direct_path(model, params, tokens_BT):
+    """(o_LBKHD, pattern_LBHQK, inv_sigma_BQ): each head's per-source output in ln_final's frame (see `copying`),
+    its attention pattern, and 1 / ln_final's normalisation at each query."""
     cfg = model.cfg
     cap = model.apply({"params": params}, tokens_BT, capture=("patterns", "resid"))[1]
     pattern_LBHQK = cap["patterns"].astype(jnp.float32)
     resid_LBTD = cap["resid"].astype(jnp.float32)
     # BOS (position 0) is where idle heads rest: it is neither a source nor one of the sample's tokens.
     out_LBKHD = source_outputs(cfg, params, resid_LBTD[:-1])[:, :, 1:]
-    sample_BK = tokens_BT[:, 1:]
-
     if cfg.layer_norm:
         # Direct path through ln_final: the centring and learned scale act on the head's own vector; the
         # normalisation divides by the full residual's standard deviation at the query, sigma_q (the bias
@@ -129,7 +128,13 @@ def _copying(model, params, tokens_BT):
         out_LBKHD = (out_LBKHD - out_LBKHD.mean(-1, keepdims=True)) * params["ln_final"]["scale"].astype(jnp.float32)
     else:
         inv_sigma_BQ = jnp.ones(tokens_BT.shape, jnp.float32)
+    return out_LBKHD, pattern_LBHQK, inv_sigma_BQ
 
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _copying(model, params, tokens_BT):
+    out_LBKHD, pattern_LBHQK, inv_sigma_BQ = _direct_path(model, params, tokens_BT)
+    sample_BK = tokens_BT[:, 1:]
     w_u_DV = params["W_U"].astype(jnp.float32)
     # Only the logits of the sample's tokens and the mean logit are needed, so no [.., vocab] array is formed.
     logit_LBKHJ = jnp.einsum("lbkhd,dbj->lbkhj", out_LBKHD, w_u_DV[:, sample_BK])
@@ -177,11 +182,39 @@ def copying(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, r
     any other, r ~ 1 / (1 + #distinct sample tokens), score ~ -0.85 for 25 tokens. A head that writes nothing
     (w_k * (a_k + s_k) = 0 for all k) scores NaN.
     """
-    rng = _generator(rng)
-    sample_BN = np.asarray(sample(rng, (eval_cfg.draws, eval_cfg.prefix_tokens)), np.int32)
-    tokens_BT = np.concatenate([np.full((eval_cfg.draws, 1), bos_id, np.int32), sample_BN], axis=1)
+    tokens_BT = _copy_tokens(eval_cfg, sample, bos_id, rng)
     _check_length(model.cfg, tokens_BT.shape[1], "copying")
     return np.asarray(_copying(model, params, jnp.asarray(tokens_BT)), np.float32)
+
+
+def _copy_tokens(eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.ndarray:
+    """int32 [draws, 1 + prefix_tokens]: BOS, then `prefix_tokens` random tokens (the copying evaluators' input)."""
+    sample_BN = np.asarray(sample(_generator(rng), (eval_cfg.draws, eval_cfg.prefix_tokens)), np.int32)
+    return np.concatenate([np.full((eval_cfg.draws, 1), bos_id, np.int32), sample_BN], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layer"))
+def _own_token_rank(model, params, tokens_BT, layer):
+    out_BKHD = _direct_path(model, params, tokens_BT)[0][layer]
+    logit_BKHV = jnp.einsum("bkhd,dv->bkhv", out_BKHD, params["W_U"].astype(jnp.float32))
+    own_BKH = jnp.take_along_axis(logit_BKHV, tokens_BT[:, 1:, None, None], axis=-1)
+    return (logit_BKHV > own_BKH).sum(-1)
+
+
+def copying_rank(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> dict[str, np.ndarray]:
+    """A companion to `copying` that does not depend on how the raise is normalised: for each head, where the
+    token a source holds ranks among all vocabulary logits of that source's direct-path output o_k (0 = the head
+    raises exactly the token it reads above every other). Same inputs and draws as `copying`.
+
+    Returns {"top1": float32 [L, H] share of sources ranked first, "median_rank": float32 [L, H]}. With
+    vocabulary V, a head with a random OV circuit has top1 ~ 1/V and median rank ~ V/2.
+    """
+    tokens_BT = jnp.asarray(_copy_tokens(eval_cfg, sample, bos_id, rng))
+    _check_length(model.cfg, tokens_BT.shape[1], "copying_rank")
+    ranks_LBKH = np.stack([np.asarray(_own_token_rank(model, params, tokens_BT, layer))
+                           for layer in range(model.cfg.n_layers)])  # one layer at a time: [B, K, H, vocab] each
+    return {"top1": (ranks_LBKH == 0).mean(axis=(1, 2)).astype(np.float32),
+            "median_rank": np.median(ranks_LBKH, axis=(1, 2)).astype(np.float32)}
 
 
 # ---------------------------------------------------------------------------------------------- previous token

@@ -183,3 +183,29 @@ def test_previous_token_padding_does_not_change_result():
     tokens = np.random.default_rng(2).integers(0, 32, (5, 12))
     np.testing.assert_allclose(heads.previous_token(m, params, tokens, batch_size=2),
                                heads.previous_token(m, params, tokens, batch_size=5), rtol=1e-5, atol=1e-6)
+
+
+def test_copying_rank_of_planted_heads(planted):
+    cfg, params = planted["cfg"], planted["params"]
+    m = model.make(cfg)
+    bos = cfg.vocab_size - 1
+    out = heads.copying_rank(m, params, EVAL, heads.uniform_sampler(cfg.vocab_size, exclude=[bos]), bos, 1)
+    assert out["top1"].shape == out["median_rank"].shape == (2, 3)
+    assert out["top1"][1, 0] > 0.95 and out["median_rank"][1, 0] == 0  # the planted copier
+    assert out["median_rank"][1, 1] >= cfg.vocab_size - 2  # the anti-copier puts the token it reads last
+    for head in RANDOM_HEADS:  # chance: top1 ~ 1/V, median rank ~ V/2
+        assert out["top1"][head] < 0.2 and cfg.vocab_size / 5 < out["median_rank"][head] < 4 * cfg.vocab_size / 5
+
+
+def test_copying_rank_matches_numpy_ranks():
+    cfg = dataclasses.replace(TINY, n_layers=2)
+    m, params = model.make(cfg), model.init_params(cfg, jax.random.key(3))
+    sample = heads.uniform_sampler(cfg.vocab_size, exclude=[0])
+    tokens = heads._copy_tokens(EVAL, sample, 0, 7)
+    out_LBKHD = np.asarray(heads._direct_path(m, params, jnp.asarray(tokens))[0])
+    logits = out_LBKHD @ np.asarray(params["W_U"])  # [L, B, K, H, V]
+    own = np.take_along_axis(logits, tokens[None, :, 1:, None, None], axis=-1)
+    ranks = (logits > own).sum(-1)
+    got = heads.copying_rank(m, params, EVAL, sample, 0, 7)
+    np.testing.assert_allclose(got["top1"], (ranks == 0).mean(axis=(1, 2)))
+    np.testing.assert_allclose(got["median_rank"], np.median(ranks, axis=(1, 2)))
