@@ -89,12 +89,15 @@ def main() -> None:
         return
     print(f"{'config':40s} {'mode':28s} {'tok/s':>9s} {'ms/step':>8s} {'GFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
     for c in args.configs:
-        rows = [("1 process, 2 threads", [run_child(c, args.overrides, args.steps)])]
+        # Each row's children start only when the previous row has finished: rows must not share the cores.
+        rows = [("1 process, 2 threads", lambda: [run_child(c, args.overrides, args.steps)])]
         if args.side_by_side:
             rows.append(("2 processes x 1 thread (sum)",
-                         [run_child(c, args.overrides, args.steps, True, cpu) for cpu in (0, 1)]))
-            rows.append(("1 process, 2 devices x 1 thread", [run_child(c, args.overrides, args.steps, True, None, 2)]))
-        for mode, procs in rows:
+                         lambda: [run_child(c, args.overrides, args.steps, True, cpu) for cpu in (0, 1)]))
+            rows.append(("1 process, 2 devices x 1 thread",
+                         lambda: [run_child(c, args.overrides, args.steps, True, None, 2)]))
+        for mode, start in rows:
+            procs = start()
             results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
             tps = sum(r["tokens_per_s"] for r in results)
             gf = sum(r["gflops"] for r in results)

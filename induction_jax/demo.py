@@ -1,8 +1,8 @@
 """`python -m induction_jax.demo`: the paper's Arguments 1-3 on a laptop CPU.
 
 Prepares the embedded corpus (the interpreter's own standard library), trains a 2-layer and a 1-layer
-attention-only model and a 1-layer smeared-key model one after another (same data order; each data-parallel over
-one single-threaded CPU device per core), analyzes all three (joint PCA), ablates every head of the 2-layer model at snapshots before, during and
+attention-only model and a 1-layer smeared-key model side by side (one single-threaded process per core, same data
+order), analyzes all three (joint PCA), ablates every head of the 2-layer model at snapshots before, during and
 after its phase change, and writes runs/demo/report.md ending with PASS/FAIL checks. Every stage resumes: run it
 again after an interruption and finished work is skipped; run it when everything is done and it only rebuilds
 the report.
@@ -46,26 +46,21 @@ def _steps_done(run_dir: Path) -> int:
     return done
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _pinned(cpu: int | None):
+    """preexec_fn pinning a child to one core (Linux); independent models train fastest one per core."""
+    if cpu is None or not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def demo_devices(batch_sizes) -> int:
-    """CPU devices per model: one per core (XLA:CPU runs each device's program in its own thread), as many as
-    divide every batch the demo shards over them."""
-    n = _cores()
-    while n > 1 and any(b % n for b in batch_sizes):
-        n -= 1
-    return n
+def single_device_env() -> dict:
+    """Environment for a child jax process: one single-threaded CPU device.
 
-
-def device_env(n: int) -> dict:
-    """Environment for a child jax process: `n` single-threaded CPU devices.
-
-    On 2 cores, 2 single-threaded devices training data-parallel ran the 2-layer model at 33.4k tok/s against
-    17.0k on one device and 25.4k on one device with XLA's own threading (benchmarks/train_throughput.py).
+    One model per core, not one model data-parallel over every core: on this 2-core machine 2 single-threaded
+    devices in one process trained 1.8x faster than one, but XLA:CPU's cross-device all-reduce deadlocked
+    (rendezvous termination timeout, SIGABRT) in 6 of 6 runs of 200 steps (jax 0.10.2).
     """
-    return dict(os.environ, XLA_FLAGS=SINGLE_THREAD, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(n))
+    return dict(os.environ, XLA_FLAGS=SINGLE_THREAD, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
 
 
 def _last_probe(run_dir: Path) -> dict:
@@ -86,46 +81,73 @@ def _last_probe(run_dir: Path) -> dict:
     return {}
 
 
-def train_all(out: Path, overrides: list[str], n_devices: int) -> None:
-    """Trains the three models one after another, each data-parallel over all cores, under one progress bar.
+def train_all(out: Path, overrides: list[str]) -> None:
+    """One single-threaded training process per model, with an overall progress bar (ETA over all three).
 
-    One model at a time on every core beats one model per core: the 2-layer model, which decides the demo's
-    length, gets the whole machine instead of one core, and the bar's ETA covers all three.
+    The 2-layer model (the longest) gets a core of its own; the two 1-layer models share the other. Each run that
+    finishes is analysed there, and then that core analyses the 2-layer model's snapshots as they are committed,
+    so little analysis is left when its training ends.
     """
     cfgs = {name: config.load(path, overrides) for name, path in RUNS.items()}
     total = sum(c.train.steps for c in cfgs.values())
+    env = single_device_env()
+    cores = {"attn_only_2l": 0, "attn_only_1l": 1, "smeared_key_1l": 1}
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=total, desc="train 3 models", unit="step", dynamic_ncols=True) as bar:
-        for name, path in RUNS.items():
-            run_dir = out / name
-            if _steps_done(run_dir) >= cfgs[name].train.steps and (run_dir / "snapshots").exists():
-                continue
+    procs, analysers = {}, {}
+
+    def analyse(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "induction_jax.analyze", str(out / name), "--out",
+                                 str(out / name / "analysis"), "--no-report", "--no-progress"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=_pinned(1))
+
+    for name, path in RUNS.items():
+        run_dir = out / name
+        if _steps_done(run_dir) >= cfgs[name].train.steps and (run_dir / "snapshots").exists():
+            continue
+        log = (out / f"{name}.train.log").open("a")
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "induction_jax.train", "--config", path,
+                                         "--run-dir", str(run_dir), "--no-progress", *overrides],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=_pinned(cores[name])), log)
+    try:
+        with tqdm(total=total, desc="train 3 models", unit="step", dynamic_ncols=True) as bar:
+            while True:
+                done = {n: min(_steps_done(out / n), cfgs[n].train.steps) for n in RUNS}
+                bar.n = sum(done.values())
+                probe = _last_probe(out / "attn_only_2l")
+                post = {n.replace("attn_only_", "").replace("smeared_key_", "sk"): d for n, d in done.items()}
+                if probe:  # the 2-layer model's phase change, live
+                    post.update(icl2=f"{probe['probe_icl']:+.2f}", prefix2=f"{probe['probe_max_prefix']:.2f}")
+                bar.set_postfix(post, refresh=False)
+                bar.refresh()
+                one_layer_done = all(p.poll() is not None for n, (p, _) in procs.items() if n != "attn_only_2l")
+                for name, (p, _) in procs.items():
+                    if p.poll() == 0 and name != "attn_only_2l" and name not in analysers:
+                        analysers[name] = analyse(name)
+                two = procs.get("attn_only_2l")
+                others_idle = all(a.poll() is not None for n, a in analysers.items() if n != "attn_only_2l")
+                if two and two[0].poll() is None and one_layer_done and others_idle:
+                    a = analysers.get("attn_only_2l")
+                    if a is None or a.poll() is not None:  # a pass ended: start another on the new snapshots
+                        analysers["attn_only_2l"] = analyse("attn_only_2l")
+                if all(p.poll() is not None for p, _ in procs.values()):
+                    break
+                time.sleep(2)
+    except KeyboardInterrupt:
+        for p, _ in procs.values():
+            p.terminate()  # train saves a resume checkpoint on SIGTERM, so a rerun goes on from there
+        raise
+    finally:
+        for a in analysers.values():
+            a.wait()  # resumable: whatever it did not finish, the main analysis does
+    for name, (p, log) in procs.items():
+        log.close()
+        if p.returncode != 0:
             log_path = out / f"{name}.train.log"
-            with log_path.open("a") as log:
-                p = subprocess.Popen([sys.executable, "-m", "induction_jax.train", "--config", path,
-                                      "--run-dir", str(run_dir), "--no-progress", *overrides],
-                                     env=device_env(n_devices), stdout=log, stderr=subprocess.STDOUT)
-                try:
-                    while p.poll() is None:
-                        bar.n = sum(min(_steps_done(out / n), cfgs[n].train.steps) for n in RUNS)
-                        probe = _last_probe(run_dir)
-                        post = {"model": name}
-                        if probe:
-                            post.update(icl=f"{probe['probe_icl']:+.2f}",
-                                        prefix=f"{probe.get('probe_max_prefix', float('nan')):.2f}")
-                        bar.set_postfix(post, refresh=False)
-                        bar.refresh()
-                        time.sleep(2)
-                except KeyboardInterrupt:
-                    p.terminate()  # train saves a resume checkpoint on SIGTERM, so a rerun goes on from here
-                    p.wait()
-                    raise
-            if p.returncode != 0:
-                tail = log_path.read_text().strip().splitlines()[-1:]
-                raise config.UserError(f"{run_dir}: training failed ({tail[0] if tail else p.returncode}); "
-                                       f"see {log_path}")
-        bar.n = total
-        bar.refresh()
+            tail = log_path.read_text().strip().splitlines()[-1:]
+            raise config.UserError(f"{out / name}: training failed ({tail[0] if tail else p.returncode}); "
+                                   f"see {log_path}")
 
 
 def ablation_steps(steps: list[int], window: dict | None, n: int = ABLATION_SNAPSHOTS) -> list[int]:
@@ -148,19 +170,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     t0 = time.time()
     out = args.out
-    cfgs = [config.load(path, args.overrides) for path in RUNS.values()]
-    cfg = cfgs[0]
-    n_devices = demo_devices([b for c in cfgs for b in (c.train.batch_size, c.eval.batch_size)])
-    if "jax" not in sys.modules:  # analysis and ablation below run in this process, on the same devices
-        os.environ.update({k: v for k, v in device_env(n_devices).items() if k.startswith(("XLA", "JAX"))})
+    cfg = config.load(RUNS["attn_only_2l"], args.overrides)
 
     from . import data
     print("1/4 preparing the corpus (the Python standard library and site-packages)", flush=True)
     prepared = data.prepare(cfg)
     print("    " + data.summary(prepared).replace("\n", "\n    "), flush=True)
 
-    print(f"2/4 training three models, each data-parallel over {n_devices} CPU device(s)", flush=True)
-    train_all(out, args.overrides, n_devices)
+    print("2/4 training three models side by side (one single-threaded process per core)", flush=True)
+    train_all(out, args.overrides)
 
     from . import ablate, analyze, checks, heads, report
     print("3/4 analyzing every snapshot", flush=True)

@@ -1,20 +1,11 @@
 import json
 
-import pytest
-
 from induction_jax import demo
 
 
-@pytest.mark.parametrize("cores,batches,want", [(2, [8, 32], 2), (3, [8, 32], 2), (16, [8, 32], 8), (1, [8], 1),
-                                               (4, [6, 32], 2)])
-def test_demo_devices_divide_every_batch(monkeypatch, cores, batches, want):
-    monkeypatch.setattr(demo, "_cores", lambda: cores)
-    assert demo.demo_devices(batches) == want
-
-
-def test_device_env_single_threaded_devices():
-    env = demo.device_env(2)
-    assert env["JAX_NUM_CPU_DEVICES"] == "2" and "multi_thread_eigen=false" in env["XLA_FLAGS"]
+def test_children_get_one_single_threaded_device():
+    env = demo.single_device_env()
+    assert env["JAX_NUM_CPU_DEVICES"] == "1" and "multi_thread_eigen=false" in env["XLA_FLAGS"]
 
 
 def test_progress_readers_take_the_newest_records(tmp_path):
