@@ -98,7 +98,12 @@ def main() -> None:
                          lambda: [run_child(c, args.overrides, args.steps, True, None, 2)]))
         for mode, start in rows:
             procs = start()
-            results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+            outs = [p.communicate()[0].strip().splitlines() for p in procs]
+            if any(p.returncode != 0 or not out for p, out in zip(procs, outs)):
+                # e.g. XLA:CPU's 2-device all-reduce deadlock, which aborts the child (docs/benchmarks.md)
+                print(f"{c:40s} {mode:28s} failed (exit codes {[p.returncode for p in procs]})")
+                continue
+            results = [json.loads(out[-1]) for out in outs]
             tps = sum(r["tokens_per_s"] for r in results)
             gf = sum(r["gflops"] for r in results)
             pk = results[0]["peak_gflops"] * (len(results) if len(results) > 1 else 1)

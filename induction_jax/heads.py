@@ -193,11 +193,14 @@ def _copy_tokens(eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.
     return np.concatenate([np.full((eval_cfg.draws, 1), bos_id, np.int32), sample_BN], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layer"))
-def _own_token_rank(model, params, tokens_BT, layer):
-    out_BKHD = _direct_path(model, params, tokens_BT)[0][layer]
-    logit_BKHV = jnp.einsum("bkhd,dv->bkhv", out_BKHD, params["W_U"].astype(jnp.float32))
-    own_BKH = jnp.take_along_axis(logit_BKHV, tokens_BT[:, 1:, None, None], axis=-1)
+_direct_outputs = jax.jit(lambda model, params, tokens_BT: _direct_path(model, params, tokens_BT)[0],
+                          static_argnames=("model",))
+
+
+@jax.jit
+def _own_token_rank(out_BKHD, w_u_DV, sample_BK):
+    logit_BKHV = jnp.einsum("bkhd,dv->bkhv", out_BKHD, w_u_DV.astype(jnp.float32))
+    own_BKH = jnp.take_along_axis(logit_BKHV, sample_BK[:, :, None, None], axis=-1)
     return (logit_BKHV > own_BKH).sum(-1)
 
 
@@ -211,8 +214,10 @@ def copying_rank(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: i
     """
     tokens_BT = jnp.asarray(_copy_tokens(eval_cfg, sample, bos_id, rng))
     _check_length(model.cfg, tokens_BT.shape[1], "copying_rank")
-    ranks_LBKH = np.stack([np.asarray(_own_token_rank(model, params, tokens_BT, layer))
-                           for layer in range(model.cfg.n_layers)])  # one layer at a time: [B, K, H, vocab] each
+    out_LBKHD = _direct_outputs(model, params, tokens_BT)  # one forward pass for every layer
+    # Logits one layer at a time: [B, K, H, vocab] each, never [L, B, K, H, vocab].
+    ranks_LBKH = np.stack([np.asarray(_own_token_rank(out_BKHD, params["W_U"], tokens_BT[:, 1:]))
+                           for out_BKHD in out_LBKHD])
     return {"top1": (ranks_LBKH == 0).mean(axis=(1, 2)).astype(np.float32),
             "median_rank": np.median(ranks_LBKH, axis=(1, 2)).astype(np.float32)}
 
