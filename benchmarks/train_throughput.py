@@ -1,8 +1,10 @@
 """Training throughput and MFU of the CPU configs, with this machine's float32 matmul peak measured in the same run.
 
     python benchmarks/train_throughput.py [--configs configs/cpu/attn_only_2l.yaml ...] [--steps 30] [key=value ...]
-    python benchmarks/train_throughput.py --side-by-side   # also: 2 single-threaded processes, one per core, and
-                                                           # 1 process data-parallel over 2 single-threaded devices
+    python benchmarks/train_throughput.py --side-by-side   # also: 2 single-threaded processes, one per core;
+                                                           # 1 process data-parallel over 2 single-threaded devices;
+                                                           # 2 processes (one per core) data-parallel over
+                                                           # jax.distributed, one model
 
 Random tokens stand in for data (the loader is benchmarked separately); the step is the real jitted train step.
 """
@@ -26,13 +28,18 @@ def measure(config_path: str, overrides: list[str], steps: int, n_devices: int =
 
     from induction_jax import config, peak, sharding, step
 
+    distributed = sharding.initialize_distributed()  # INDUCTION_JAX_* env vars: one model over many processes
     cfg = config.load(config_path, overrides)
-    mesh = sharding.make_mesh(config.MeshConfig(data=n_devices, fsdp=1, tensor=1), jax.devices()[:n_devices])
+    devices = jax.devices() if distributed else jax.devices()[:n_devices]
+    n_devices = len(devices)
+    mesh = sharding.make_mesh(config.MeshConfig(data=n_devices, fsdp=1, tensor=1), devices)
     trainer = step.build(cfg, mesh)
     state = trainer.init_fn(jax.random.key(0))
     rng = np.random.default_rng(0)
-    batches = [jax.device_put(rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.context),
-                                           dtype=np.int32), trainer.batch_sharding) for _ in range(4)]
+    shape = (cfg.train.batch_size, cfg.model.context)
+    # Every process draws the same global batches and hands over the rows its own devices hold.
+    batches = [jax.make_array_from_callback(shape, trainer.batch_sharding, lambda idx, b=b: b[idx])
+               for b in [rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32) for _ in range(4)]]
     for i in range(3):  # compile + warm-up
         state, m = trainer.step_fn(state, batches[i % 4])
     jax.block_until_ready(m)
@@ -45,7 +52,7 @@ def measure(config_path: str, overrides: list[str], steps: int, n_devices: int =
     flops = step.flops_per_token(cfg)
     # CPU: a float32 matmul probe measured now; accelerators: the datasheet peak for the compute dtype.
     pk = peak.matmul_probe() if jax.devices()[0].platform == "cpu" else peak.device_peak(cfg.model.dtype)[0]
-    pk *= n_devices  # the probe measures one device (one core when single-threaded)
+    pk *= n_devices // jax.process_count()  # the probe measures one device (one core when single-threaded)
     return {"config": config_path, "tokens_per_s": tps, "gflops": tps * flops / 1e9, "peak_gflops": pk / 1e9,
             "mfu": tps * flops / pk, "ms_per_step": 1e3 * dt / steps}
 
@@ -54,8 +61,11 @@ def _child(args) -> None:
     print(json.dumps(measure(args.child, args.overrides, args.steps, args.devices)))
 
 
-def run_child(config_path, overrides, steps, single_thread=False, cpu=None, devices=1):
+def run_child(config_path, overrides, steps, single_thread=False, cpu=None, devices=1, process=None, port=0):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    if process is not None:
+        env.update(INDUCTION_JAX_COORDINATOR=f"localhost:{port}", INDUCTION_JAX_NUM_PROCESSES="2",
+                   INDUCTION_JAX_PROCESS_ID=str(process))
     if single_thread:
         env["XLA_FLAGS"] = SINGLE_THREAD
     cmd = [sys.executable, __file__, "--child", config_path, "--steps", str(steps), "--devices", str(devices),
@@ -63,6 +73,13 @@ def run_child(config_path, overrides, steps, single_thread=False, cpu=None, devi
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -96,6 +113,9 @@ def main() -> None:
                          lambda: [run_child(c, args.overrides, args.steps, True, cpu) for cpu in (0, 1)]))
             rows.append(("1 process, 2 devices x 1 thread",
                          lambda: [run_child(c, args.overrides, args.steps, True, None, 2)]))
+            rows.append(("2 processes x 1 thread, 1 model",
+                         lambda: [run_child(c, args.overrides, args.steps, True, cpu, 1, cpu, port)
+                                  for port in [_free_port()] for cpu in (0, 1)]))
         for mode, start in rows:
             procs = start()
             outs = [p.communicate()[0].strip().splitlines() for p in procs]
@@ -104,6 +124,8 @@ def main() -> None:
                 print(f"{c:40s} {mode:28s} failed (exit codes {[p.returncode for p in procs]})")
                 continue
             results = [json.loads(out[-1]) for out in outs]
+            if mode.endswith("1 model"):  # both processes time the same global steps
+                results = [dict(results[0], peak_gflops=sum(r["peak_gflops"] for r in results))]
             tps = sum(r["tokens_per_s"] for r in results)
             gf = sum(r["gflops"] for r in results)
             pk = results[0]["peak_gflops"] * (len(results) if len(results) > 1 else 1)

@@ -77,7 +77,8 @@ class TrainConfig:
     warmup_steps: int = 100
     warmup_tokens: int = 0  # when > 0, overrides warmup_steps
     decay: str = "constant"  # constant | cosine
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.1  # cosine floor / cooldown end as a fraction of lr
+    cooldown_steps: int = 0  # constant decay only: linear fall to min_lr_ratio * lr over the last N steps
     b1: float = 0.9
     b2: float = 0.95
     weight_decay: float = 0.01
@@ -241,6 +242,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("model.n_heads", f"rotary positions need an even d_head, got {m.d_head}")
     if t.decay not in ("constant", "cosine"):
         fail("train.decay", f"{t.decay!r} is not one of constant, cosine")
+    if t.cooldown_steps < 0 or t.cooldown_steps > t.steps:
+        fail("train.cooldown_steps", f"{t.cooldown_steps} must be between 0 and train.steps ({t.steps})")
+    if t.cooldown_steps and t.decay != "constant":
+        fail("train.cooldown_steps", f"applies to the constant schedule, not to decay={t.decay!r}")
     if t.resume_every < 1:
         fail("train.resume_every", f"must be >= 1, got {t.resume_every}")
     if not 0 < cfg.data.eval_fraction < 1:

@@ -42,6 +42,8 @@ def learning_rate(cfg: TrainConfig, tokens_per_step: int) -> optax.Schedule:
 
     Update c (0-based) uses lr * (c + 1) / W while c < W: the first update already moves the parameters and
     update W - 1 uses the full rate. The cosine runs from c = W (full rate) to c = train.steps (the floor).
+    With train.cooldown_steps = N the constant rate instead falls linearly over the last N updates, from the
+    full rate at c = steps - N to the floor at c = steps (warm-up, stable, decay).
     """
     peak, total = cfg.lr, cfg.steps
     warm = warmup_steps(cfg, tokens_per_step)
@@ -53,6 +55,9 @@ def learning_rate(cfg: TrainConfig, tokens_per_step: int) -> optax.Schedule:
         if cosine:
             progress = jnp.clip((c - warm) / max(total - warm, 1), 0.0, 1.0)
             after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        elif cfg.cooldown_steps:
+            progress = jnp.clip((c - (total - cfg.cooldown_steps)) / cfg.cooldown_steps, 0.0, 1.0)
+            after = peak + (floor - peak) * progress
         else:
             after = jnp.full_like(c, peak)
         if warm <= 0:

@@ -36,6 +36,8 @@ def test_base_inheritance_and_overrides(tmp_path):
     ("model:\n  n_layers: two\n", [], "model.n_layers"),
     ("model:\n  d_model: 100\n  n_heads: 3\n", [], "model.d_model"),
     ("model:\n  head_dim: -8\n", [], "model.head_dim"),
+    ("train:\n  steps: 10\n  cooldown_steps: 11\n", [], "train.cooldown_steps"),
+    ("train:\n  decay: cosine\n  cooldown_steps: 5\n", [], "train.cooldown_steps"),
     ("model:\n  local_heads: 1\n  local_window: 999\n  context: 64\n", [], "model.local_window"),
     ("model:\n  smeared_key: true\n  positions: rotary\n", [], "model.smeared_key"),
     ("model:\n  vocab_size: 70000\n", [], "model.vocab_size"),

@@ -59,6 +59,15 @@ def test_warmup_in_tokens_and_constant_decay():
     assert _lr(dataclasses.replace(cfg, warmup_tokens=0, warmup_steps=0), 0) == pytest.approx(2e-3)
 
 
+def test_constant_with_linear_cooldown():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, decay="constant", cooldown_steps=40, min_lr_ratio=0.1)
+    assert _lr(cfg, 9) == pytest.approx(1e-3)
+    assert _lr(cfg, 70) == pytest.approx(1e-3)  # the cooldown starts at steps - cooldown_steps
+    assert _lr(cfg, 90) == pytest.approx(1e-3 - 0.9e-3 * 0.5)
+    assert _lr(cfg, 110) == pytest.approx(1e-4)
+    assert _lr(cfg, 200) == pytest.approx(1e-4)
+
+
 def test_weight_decay_switches_at_the_given_step():
     wd = jax.jit(weight_decay(TrainConfig(weight_decay=0.1, weight_decay_after=0.01, weight_decay_step=4750)))
     assert float(wd(jnp.int32(0))) == pytest.approx(0.1)
