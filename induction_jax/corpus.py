@@ -93,8 +93,10 @@ def _stdlib_files(site_packages: bool) -> list[SourceFile]:
            for p in _walk(stdlib, ".py", _NOT_STDLIB)]
     if site_packages:
         purelib = Path(paths["purelib"])
+        # An editable install's finder module holds the checkout's absolute path: keeping it would make the
+        # corpus, hence the data order and the demo's outcome, depend on where the repository was cloned.
         out += [_stat(f"site-packages/{p.relative_to(purelib).as_posix()}", p, STDLIB)
-                for p in _walk(purelib, ".py", frozenset({"__pycache__"}))]
+                for p in _walk(purelib, ".py", frozenset({"__pycache__"})) if not p.name.startswith("__editable__")]
     return out
 
 

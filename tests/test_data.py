@@ -231,6 +231,18 @@ def test_python_stdlib_source_resolves():
     assert 0.01 < held < 0.06, held
 
 
+def test_site_packages_leave_out_editable_finders(tmp_path, monkeypatch):
+    # The finder of an editable install names the checkout's path, which differs from clone to clone.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "__editable___induction_jax_0_1_0_finder.py").write_text("MAPPING = {'a': '/tmp/x'}\n")
+    paths = dict(corpus.sysconfig.get_paths(), purelib=str(tmp_path))
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: paths)
+    files = corpus.resolve(from_dict({"data": {"sources": ["python-stdlib"], "site_packages": True}}).data)
+    site = [f.name for f in files if f.name.startswith("site-packages/")]
+    assert site == ["site-packages/pkg/mod.py"]
+
+
 def test_loader_errors(prepared):
     with pytest.raises(ConfigError, match="fewer than one batch"):
         data.Loader(prepared, SEQ, 10**6, seed=0)
