@@ -4,10 +4,12 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install clean
 
-$(BIN)/.installed: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+# Every package comes from requirements.lock (exact versions, hash-checked): the demo's corpus includes the venv's
+# site-packages, so the same Python version gives the same corpus, tokens and data order on every machine.
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PY) -m venv --clear $(VENV)
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed

@@ -72,7 +72,7 @@ class RunContext:
 def head_scores(ctx: RunContext, params) -> np.ndarray:
     """[L, H, len(MEASURES)] for one snapshot; the random draws use the same seed at every snapshot."""
     cfg = ctx.cfg
-    sample, bos, seed = ctx.sampler(), ctx.prepared.bos_id, cfg.data.seed
+    sample, bos, seed = ctx.sampler(), ctx.prepared.bos_id, cfg.data.eval_seed
     prefix = heads.prefix_matching(ctx.model, params, cfg.eval, sample, bos, np.random.default_rng(seed))
     copying = heads.copying(ctx.model, params, cfg.eval, sample, bos, np.random.default_rng(seed + 1))
     n_prev = min(len(ctx.tokens_NL), 64)

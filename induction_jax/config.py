@@ -65,6 +65,7 @@ class DataConfig:
     eval_examples: int = 10_000
     eval_length: int = 512
     seed: int = 0  # data order; all models of a family share it
+    eval_seed: int = 0  # the eval set and the head evaluators' random draws: fixed across data orders
     cache_dir: str = ""  # empty = $INDUCTION_JAX_CACHE or ~/.cache/induction_jax
 
 

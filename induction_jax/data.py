@@ -37,7 +37,7 @@ from .config import Config, ConfigError, load
 
 CODE_VERSION = 1  # bump whenever prepared output would change for the same inputs
 CACHE_ENV = "INDUCTION_JAX_CACHE"
-_EVAL_STREAM = 1  # separates the eval set's random stream from any other use of data.seed
+_EVAL_STREAM = 1  # separates the eval set's random stream from any other use of data.eval_seed
 _ENCODE_CHARS = 1 << 23  # text per encode_batch call: enough to keep the Rust threads busy, small for the bar
 
 
@@ -58,7 +58,7 @@ def fingerprint(cfg: Config, files: list[corpus.SourceFile], tokenizer_sha: str 
         "code_version": CODE_VERSION, "tokenizers": tokenizers.__version__,
         "files": [[f.name, f.path, f.size, f.mtime_ns] for f in files], "text_field": d.text_field,
         "vocab_size": cfg.model.vocab_size, "tokenizer_sha256": tokenizer_sha,
-        "eval": [d.eval_examples, eval_length(cfg), d.seed, d.eval_fraction],
+        "eval": [d.eval_examples, eval_length(cfg), d.eval_seed, d.eval_fraction],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -169,7 +169,7 @@ def _build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Token
     if eval_M.size < length:
         raise ConfigError(f"data.sources: {', '.join(cfg.data.sources)}: the held-out split has {eval_M.size} "
                           f"tokens, fewer than one eval window of {length}; raise data.eval_fraction")
-    windows_NL, index_N = make_eval_set(eval_M, cfg.data.eval_examples, length, cfg.data.seed)
+    windows_NL, index_N = make_eval_set(eval_M, cfg.data.eval_examples, length, cfg.data.eval_seed)
     freq_V = np.bincount(train_M, minlength=max(cfg.model.vocab_size, tok.get_vocab_size())).astype(np.int64)
 
     tok.save(str(out / "tokenizer.json"))
@@ -188,11 +188,13 @@ def _build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Token
         "documents": {"train": len(docs.train.texts), "eval": len(docs.eval.texts)},
         "bytes": {"train": docs.train.bytes, "eval": docs.eval.bytes},
         "tokens": {"train": int(train_M.size), "eval": int(eval_M.size)},
+        "tokens_sha256": hashlib.sha256(train_M.astype("<u2").tobytes() + eval_M.astype("<u2").tobytes()
+                                        + tok.to_str().encode()).hexdigest(),
         "tokenizer": {"trained": user_tok is None, "source": cfg.data.tokenizer or "trained on the train split",
                       "vocab": tok.get_vocab_size(), "seconds": round(tok_seconds, 3),
                       "encode_seconds": round(encode_seconds, 3)},
         "vocab_size": cfg.model.vocab_size, "bos_id": bos_id, "eod_id": eod_id,
-        "eval": {"examples": cfg.data.eval_examples, "length": length, "seed": cfg.data.seed,
+        "eval": {"examples": cfg.data.eval_examples, "length": length, "seed": cfg.data.eval_seed,
                  "fraction": cfg.data.eval_fraction, "sha256": sha256_eval(windows_NL, index_N)},
     }
     # Written last: a directory with metadata.json is complete, whatever else happened to it.
@@ -358,7 +360,8 @@ def summary(p: Prepared) -> str:
         f"tokenizer: vocab {k['vocab']}, {'trained' if k['trained'] else 'given'} in {k['seconds']:.1f} s; "
         f"tokenizing {k['encode_seconds']:.1f} s",
         f"eval set: {m['eval']['examples']} x {m['eval']['length']} tokens, sha256 {p.eval_hash[:16]}",
-    ])
+    ] + ([f"token store sha256 {m['tokens_sha256'][:16]} (train and held-out tokens, tokenizer)"]
+         if "tokens_sha256" in m else []))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,12 +164,18 @@ def ablation_steps(steps: list[int], window: dict | None, n: int = ABLATION_SNAP
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m induction_jax.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (default runs/demo)")
+    parser.add_argument("--out", type=Path, help="demo directory (default runs/demo, or runs/demo-seed-N with "
+                                                 "--data-seed N)")
+    parser.add_argument("--data-seed", type=int, metavar="N",
+                        help="data order (data.seed) of all three models; the corpus, tokenizer, eval set and "
+                             "initialisation stay the same")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="applied to all three CPU configs, e.g. train.steps=2000")
     args = parser.parse_args(argv)
     t0 = time.time()
-    out = args.out
+    if args.data_seed is not None:
+        args.overrides = [*args.overrides, f"data.seed={args.data_seed}"]
+    out = args.out or Path("runs/demo" if not args.data_seed else f"runs/demo-seed-{args.data_seed}")
     cfg = config.load(RUNS["attn_only_2l"], args.overrides)
 
     from . import data
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
                                abl, extras)
     ctx2 = contexts["attn_only_2l"]
     ranks = heads.copying_rank(ctx2.model, ctx2.params(int(two.steps[-1])), ctx2.cfg.eval, ctx2.sampler(),
-                               ctx2.prepared.bos_id, np.random.default_rng(ctx2.cfg.data.seed + 1))
+                               ctx2.prepared.bos_id, np.random.default_rng(ctx2.cfg.data.eval_seed + 1))
     lines += checks.copying_info(two, ranks, ctx2.cfg.model.vocab_size)
     text = path.read_text() + "\n## Checks of the paper's claims (measured in this run)\n\n```\n" + \
         "\n".join(lines) + "\n```\n" + f"\nDemo wall time (this invocation): {(time.time() - t0) / 60:.1f} min.\n"

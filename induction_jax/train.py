@@ -47,8 +47,8 @@ class Prober:
         self.tokens = jax.device_put(tokens_NL[: cfg.train.probe_examples], rep)
         sample = lambda rng, shape: prepared.random_tokens(rng, shape, cfg.eval.exclude_common)
         # Drawn once, so successive probes measure the same sequences.
-        self.prefix = jax.device_put(
-            heads.prefix_matching_tokens(cfg.eval, sample, prepared.bos_id, np.random.default_rng(cfg.data.seed)), rep)
+        rng = np.random.default_rng(cfg.data.eval_seed)
+        self.prefix = jax.device_put(heads.prefix_matching_tokens(cfg.eval, sample, prepared.bos_id, rng), rep)
         self.model = model_lib.make(cfg.model)
         self.eval_cfg = cfg.eval
 
