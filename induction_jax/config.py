@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 MAX_VOCAB = 65_536  # tokens are stored as uint16
 POSITIONS = ("shortformer", "learned", "rotary", "none")
+COPYING_MEASURES = ("ov", "evaluator")  # eval.copying_measure: heads.ov_copying or heads.copying
 POS_TABLES = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
 
@@ -119,6 +120,7 @@ class EvalConfig:
     exclude_common: float = 0.05  # fraction of the vocabulary excluded at each end of the frequency ranking
     prefix_threshold: float = 0.4
     copying_threshold: float = 0.0
+    copying_measure: str = "ov"  # classifies induction heads: ov (OV-circuit eigenvalues) or evaluator
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             fail("model.smear_init", f"{m.smear_init} must be strictly between 0 and 1 (it is sigma(alpha))")
     if m.positions == "rotary" and m.d_head % 2:
         fail("model.n_heads", f"rotary positions need an even d_head, got {m.d_head}")
+    if cfg.eval.copying_measure not in COPYING_MEASURES:
+        fail("eval.copying_measure", f"{cfg.eval.copying_measure!r} is not one of {', '.join(COPYING_MEASURES)}")
     if t.decay not in ("constant", "cosine"):
         fail("train.decay", f"{t.decay!r} is not one of constant, cosine")
     if t.cooldown_steps < 0 or t.cooldown_steps > t.steps:

@@ -222,6 +222,59 @@ def copying_rank(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: i
             "median_rank": np.median(ranks_LBKH, axis=(1, 2)).astype(np.float32)}
 
 
+# -------------------------------------------------------------------------------------------------- OV copying
+
+def ov_circuits(params: dict, model_cfg: ModelConfig) -> np.ndarray:
+    """float64 [L, H, E, E]: for each head a d_head x d_head matrix with the same non-zero eigenvalues as its full
+    OV circuit (the vocab x vocab matrix, which is never formed).
+
+    Row-vector convention: a token's embedding reaches the logits through the head as
+        M = E_c diag(gamma_1) W_V W_O C diag(gamma_f) U_c   [vocab x vocab]
+    with E_c = W_E centred over d_model (ln1's centring), gamma_1 / gamma_f the learned scales of the head's ln1
+    and of ln_final, C = I - 11^T/d_model (ln_final's centring of what the head writes) and U_c = W_U centred
+    over the vocabulary (a constant shift of every logit changes no prediction). LayerNorm's normalisation is a
+    positive per-token factor and its biases belong to no head, so both are left out (TransformerLens's fold_ln
+    and center_unembed conventions). With M = A B, A = E_c diag(gamma_1) W_V [vocab x E] and
+    B = W_O C diag(gamma_f) U_c [E x vocab], M and B A = W_O (C diag(gamma_f) U_c E_c diag(gamma_1)) W_V share
+    their non-zero eigenvalues, and the bracket is only d_model x d_model.
+    """
+    f64 = lambda a: np.asarray(a, np.float64)
+    w_e_VD, w_u_DV = f64(params["W_E"]), f64(params["W_U"])
+    w_u_DV = w_u_DV - w_u_DV.mean(axis=1, keepdims=True)
+    d = w_e_VD.shape[1]
+    if model_cfg.layer_norm:
+        w_e_VD = w_e_VD - w_e_VD.mean(axis=1, keepdims=True)
+        centre_DD = np.eye(d) - 1.0 / d
+        out_DD = centre_DD * f64(params["ln_final"]["scale"])[None, :]  # C diag(gamma_f)
+    else:
+        out_DD = np.eye(d)
+    loop_DD = out_DD @ w_u_DV @ w_e_VD  # C diag(gamma_f) U_c E_c, shared by every head
+    circuits = []
+    for layer in range(model_cfg.n_layers):
+        attn = params[f"block_{layer}"]["attn"]
+        gamma_D = f64(params[f"block_{layer}"]["ln1"]["scale"]) if model_cfg.layer_norm else np.ones(d)
+        circuits.append(np.einsum("hed,dc,c,chf->hef", f64(attn["W_O"]), loop_DD, gamma_D, f64(attn["W_V"]),
+                                     optimize=True))
+    return np.stack(circuits)
+
+
+def ov_copying(params: dict, model_cfg: ModelConfig) -> np.ndarray:
+    """float32 [L, H]: sum(Re lambda) / sum(|lambda|) over the eigenvalues lambda of each head's full OV circuit
+    (`ov_circuits`), in [-1, 1]: +1 when the circuit maps every token onto itself with a positive weight (a
+    copier), -1 an anti-copier, about 0 a random map. Weights only: no tokens, no forward pass. A head whose
+    circuit is zero scores NaN.
+
+    Unlike `copying`, it does not compare the attended token's logit with a handful of other tokens' logits, so the
+    off-target noise of a low-rank circuit does not cap it; every head of a freshly trained model tends to score
+    high, so it classifies induction heads only together with prefix matching.
+    """
+    lam_LHE = np.linalg.eigvals(ov_circuits(params, model_cfg))
+    total_LH = np.abs(lam_LHE).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score_LH = np.where(total_LH > 0, lam_LHE.real.sum(-1) / total_LH, np.nan)
+    return score_LH.astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------- previous token
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -308,8 +361,14 @@ def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndar
 
 # ------------------------------------------------------------------------------------------- classification
 
+def copying_measure(eval_cfg: EvalConfig) -> str:
+    """The name of the copying score that classifies induction heads (`eval.copying_measure`)."""
+    return "ov_copying" if eval_cfg.copying_measure == "ov" else "copying"
+
+
 def induction_heads(prefix_LH, copying_LH, eval_cfg: EvalConfig) -> np.ndarray:
-    """bool [L, H]: prefix matching above `prefix_threshold` and copying above `copying_threshold` (NaN: False)."""
+    """bool [L, H]: prefix matching above `prefix_threshold` and copying (the score `copying_measure` names) above
+    `copying_threshold`; NaN counts as False."""
     prefix_LH, copying_LH = np.asarray(prefix_LH), np.asarray(copying_LH)
     with np.errstate(invalid="ignore"):
         return (prefix_LH > eval_cfg.prefix_threshold) & (copying_LH > eval_cfg.copying_threshold)

@@ -24,7 +24,7 @@ def planted():
     real_text = sample(np.random.default_rng(5), (6, 64))
     prev = heads.previous_token(m, params, real_text, batch_size=4)
     return dict(cfg=cfg, params=params, prefix=heads.prefix_matching(m, params, EVAL, sample, bos, 0),
-                copying=heads.copying(m, params, EVAL, sample, bos, 1), prev=prev,
+                copying=heads.copying(m, params, EVAL, sample, bos, 1), prev=prev, ov=heads.ov_copying(params, cfg),
                 qk=heads.qk_trace(params, cfg, prev))
 
 
@@ -209,3 +209,62 @@ def test_copying_rank_matches_numpy_ranks():
     got = heads.copying_rank(m, params, EVAL, sample, 0, 7)
     np.testing.assert_allclose(got["top1"], (ranks == 0).mean(axis=(1, 2)))
     np.testing.assert_allclose(got["median_rank"], np.median(ranks, axis=(1, 2)))
+
+
+# ------------------------------------------------------------------------------------------------- OV copying
+
+def test_ov_copying_of_planted_heads(planted):
+    ov = planted["ov"]
+    assert ov.shape == (2, 3)
+    assert ov[1, 0] > 0.999  # copies token dims to the dims W_U reads: kappa * I after centring
+    assert ov[1, 1] < -0.999  # the same map negated
+    for head in RANDOM_HEADS:
+        assert abs(ov[head]) < 0.35, (head, ov[head])
+    # The previous-token head writes only to dims W_U never reads: a zero circuit has no score.
+    assert np.isnan(ov[0, 0])
+
+
+def test_ov_copying_of_random_maps_is_near_zero():
+    cfg = dataclasses.replace(TINY, n_layers=4, d_model=64, n_heads=8, vocab_size=256)
+    scores = heads.ov_copying(random_model(cfg, seed=11), cfg)
+    assert abs(float(np.mean(scores))) < 0.1 and float(np.max(np.abs(scores))) < 0.5, scores
+
+
+def _explicit_ov_copying(cfg, params):
+    """The vocab x vocab circuit of every head, formed and eigendecomposed: LayerNorm written out as matrices."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    d, v = cfg.d_model, cfg.vocab_size
+    centre_DD = np.eye(d) - np.ones((d, d)) / d
+    centre_VV = np.eye(v) - np.ones((v, v)) / v
+    out = np.zeros((cfg.n_layers, cfg.n_heads))
+    for layer in range(cfg.n_layers):
+        attn = p[f"block_{layer}"]["attn"]
+        for h in range(cfg.n_heads):
+            circuit_VV = (p["W_E"] @ centre_DD @ np.diag(p[f"block_{layer}"]["ln1"]["scale"]) @ attn["W_V"][:, h]
+                          @ attn["W_O"][h] @ centre_DD @ np.diag(p["ln_final"]["scale"]) @ p["W_U"] @ centre_VV)
+            lam = np.linalg.eigvals(circuit_VV)
+            out[layer, h] = lam.real.sum() / np.abs(lam).sum()
+    return out
+
+
+def test_ov_copying_matches_explicit_vocab_circuit():
+    params = random_model(TINY, seed=4)
+    np.testing.assert_allclose(heads.ov_copying(params, TINY), _explicit_ov_copying(TINY, params), atol=1e-5)
+
+
+def test_ov_copying_sign_follows_the_circuit():
+    """Negating W_O negates every eigenvalue; scaling it leaves the score unchanged."""
+    params = random_model(TINY, seed=8)
+    flipped = jax.tree.map(lambda a: a, params)
+    for layer in range(TINY.n_layers):
+        flipped[f"block_{layer}"] = dict(params[f"block_{layer}"],
+                                         attn=dict(params[f"block_{layer}"]["attn"],
+                                                   W_O=-3.0 * params[f"block_{layer}"]["attn"]["W_O"]))
+    np.testing.assert_allclose(heads.ov_copying(flipped, TINY), -heads.ov_copying(params, TINY), atol=1e-5)
+
+
+def test_copying_measure_selects_the_classifying_score(planted):
+    assert heads.copying_measure(EVAL) == "ov_copying"
+    assert heads.copying_measure(dataclasses.replace(EVAL, copying_measure="evaluator")) == "copying"
+    found = heads.induction_heads(planted["prefix"], planted["ov"], EVAL)
+    assert found.sum() == 1 and found[1, 0]
