@@ -78,7 +78,8 @@ def head_scores(ctx: RunContext, params) -> np.ndarray:
     n_prev = min(len(ctx.tokens_NL), 64)
     prev = heads.previous_token(ctx.model, params, ctx.tokens_NL[:n_prev], batch_size=cfg.eval.batch_size)
     qk = heads.qk_trace(params, cfg.model, prev)
-    return np.stack([prefix, copying, prev, qk], axis=-1).astype(np.float32)
+    ov = heads.ov_copying(params, cfg.model)
+    return np.stack([prefix, copying, prev, qk, ov], axis=-1).astype(np.float32)
 
 
 def analyze_snapshot(ctx: RunContext, step: int) -> None:

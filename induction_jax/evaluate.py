@@ -66,10 +66,19 @@ def per_token_losses(model, params, tokens_NL, batch_size: int, *, progress: boo
 
 
 def _band(losses_NL, index: int, window: int):
-    """Mean over examples' loss at token indices index-window .. index+window, clipped to the valid 1..L."""
+    """Each example's mean loss at token indices index-window .. index+window, clipped to the valid 1..L."""
     n_indices = losses_NL.shape[-1]
     lo, hi = max(1, index - window), min(n_indices, index + window)
     return losses_NL[..., lo - 1: hi].mean(axis=-1)
+
+
+def icl_per_example(losses_NL, early: int, late: int, window: int = 0):
+    """[..., N]: each example's ICL score (`icl_score` before the mean over examples)."""
+    n_indices = losses_NL.shape[-1]
+    for name, idx in (("early", early), ("late", late)):
+        if not 1 <= idx <= n_indices:
+            raise ValueError(f"icl_score: {name} token index {idx} outside 1..{n_indices}")
+    return _band(losses_NL, late, window) - _band(losses_NL, early, window)
 
 
 def icl_score(losses_NL, early: int, late: int, window: int = 0):
@@ -78,11 +87,7 @@ def icl_score(losses_NL, early: int, late: int, window: int = 0):
     window > 0 replaces each single index by the mean over indices within +-window (clipped to the valid range),
     which the live probe uses to steady a score taken on few examples. Works on numpy and (under jit) jax arrays.
     """
-    n_indices = losses_NL.shape[-1]
-    for name, idx in (("early", early), ("late", late)):
-        if not 1 <= idx <= n_indices:
-            raise ValueError(f"icl_score: {name} token index {idx} outside 1..{n_indices}")
-    return (_band(losses_NL, late, window) - _band(losses_NL, early, window)).mean()
+    return icl_per_example(losses_NL, early, late, window).mean()
 
 
 def loss_by_index(losses_NL) -> np.ndarray:

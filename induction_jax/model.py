@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import ModelConfig
 
-CAPTURES = ("patterns", "head_results", "resid")
+CAPTURES = ("patterns", "head_results", "resid", "ln_scales")
 # Mesh axes that split the batch (sharding.py builds meshes with these names); activations are constrained to them.
 BATCH_AXES = ("data", "fsdp")
 
@@ -91,15 +91,19 @@ class LayerNorm(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, inv_sigma_BT=None):
+        """(normalised x, 1/sigma [B, T]). A given `inv_sigma_BT` replaces the computed one: a frozen LayerNorm,
+        which is affine in x (the `frozen_ln` ablation path). Without LayerNorm: (x, None)."""
         if not self.cfg.layer_norm:
-            return x_BTD
+            return x_BTD, None
         x = x_BTD.astype(jnp.float32)
         x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.cfg.ln_eps)
+        if inv_sigma_BT is None:
+            inv_sigma_BT = jax.lax.rsqrt((x * x).mean(-1) + self.cfg.ln_eps)
+        x = x * inv_sigma_BT[..., None]
         w = _param(self, "scale", (self.cfg.d_model,), ("embed",), nn.initializers.ones)
         b = _param(self, "bias", (self.cfg.d_model,), ("embed",), nn.initializers.zeros)
-        return (x * w + b).astype(_dtype(self.cfg.dtype))
+        return (x * w + b).astype(_dtype(self.cfg.dtype)), inv_sigma_BT
 
 
 class Attention(nn.Module):
@@ -165,13 +169,17 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool):
-        attn_out, pattern, results = Attention(self.cfg, name="attn")(
-            LayerNorm(self.cfg, name="ln1")(x_BTD), pos_TD, head_mask_H, pattern_BHQK, want_results)
+    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool, ln_scales=(None, None)):
+        """(x after the block, pattern, head results, (ln1's, ln2's 1/sigma)); `ln_scales` freezes them."""
+        ln1_BTD, s1_BT = LayerNorm(self.cfg, name="ln1")(x_BTD, ln_scales[0])
+        attn_out, pattern, results = Attention(self.cfg, name="attn")(ln1_BTD, pos_TD, head_mask_H, pattern_BHQK,
+                                                                      want_results)
         x_BTD = x_BTD + attn_out
+        s2_BT = None
         if self.cfg.d_mlp:
-            x_BTD = x_BTD + MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln2")(x_BTD))
-        return x_BTD, pattern, results
+            ln2_BTD, s2_BT = LayerNorm(self.cfg, name="ln2")(x_BTD, ln_scales[1])
+            x_BTD = x_BTD + MLP(self.cfg, name="mlp")(ln2_BTD)
+        return x_BTD, pattern, results, (s1_BT, s2_BT)
 
 
 class Transformer(nn.Module):
@@ -207,14 +215,17 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + self.positions(t)[None].astype(x_BTD.dtype)
         return shard_batch(x_BTD)
 
-    def __call__(self, tokens_BT, head_mask=None, patterns=None, capture: Sequence[str] = ()):
-        return self.run_from(0, self.embed(tokens_BT), head_mask, patterns, capture)
+    def __call__(self, tokens_BT, head_mask=None, patterns=None, capture: Sequence[str] = (), ln_scales=None):
+        return self.run_from(0, self.embed(tokens_BT), head_mask, patterns, capture, ln_scales)
 
-    def run_from(self, first_layer: int, x_BTD, head_mask=None, patterns=None, capture: Sequence[str] = ()):
+    def run_from(self, first_layer: int, x_BTD, head_mask=None, patterns=None, capture: Sequence[str] = (),
+                 ln_scales=None):
         """Layers first_layer.. on the residual stream x_BTD entering first_layer, then the unembedding.
 
         head_mask and patterns are indexed by absolute layer (they cover all n_layers); captures cover the layers
         run. Ablations use this to skip the layers before the ablated head, which an ablation cannot change.
+        `ln_scales` (what `capture=("ln_scales",)` returns from a full run: {"ln1": [L, B, T], "ln2": [L, B, T]
+        with MLPs, "ln_final": [B, T]} of 1/sigma) freezes every LayerNorm's normalisation at those values.
         """
         cfg = self.cfg
         unknown = set(capture) - set(CAPTURES)
@@ -222,19 +233,24 @@ class Transformer(nn.Module):
             raise ValueError(f"capture: unknown {sorted(unknown)}; choose from {CAPTURES}")
         pos_TD = self.positions(x_BTD.shape[1]) if cfg.positions == "shortformer" else None
         want_results = "head_results" in capture
-        pats, results, resid = [], [], []
+        pats, results, resid, scales = [], [], [], []
+        frozen_ln1 = frozen_ln2 = [None] * cfg.n_layers
+        if ln_scales is not None:
+            frozen_ln1, frozen_ln2 = ln_scales["ln1"], ln_scales.get("ln2", frozen_ln2)
         for layer in range(first_layer, cfg.n_layers):
             resid.append(x_BTD)
-            x_BTD, pat, res = self.blocks[layer](
+            frozen = (frozen_ln1[layer], frozen_ln2[layer])
+            x_BTD, pat, res, scale = self.blocks[layer](
                 x_BTD, pos_TD,
                 None if head_mask is None else head_mask[layer],
                 None if patterns is None else patterns[layer],
-                want_results)
+                want_results, frozen)
             x_BTD = shard_batch(x_BTD)
             pats.append(pat)
             results.append(res)
+            scales.append(scale)
         resid.append(x_BTD)
-        logits_BTV = self.unembed(x_BTD)
+        logits_BTV, final_scale = self.unembed(x_BTD, None if ln_scales is None else ln_scales["ln_final"])
         if not capture:
             return logits_BTV
         out = {}
@@ -244,11 +260,16 @@ class Transformer(nn.Module):
             out["head_results"] = jnp.stack(results)
         if "resid" in capture:
             out["resid"] = jnp.stack(resid)
+        if "ln_scales" in capture and cfg.layer_norm:
+            out["ln_scales"] = {"ln1": jnp.stack([s[0] for s in scales]), "ln_final": final_scale}
+            if cfg.d_mlp:
+                out["ln_scales"]["ln2"] = jnp.stack([s[1] for s in scales])
         return logits_BTV, out
 
-    def unembed(self, x_BTD):
-        x_BTD = self.ln_final(x_BTD)
-        return jnp.einsum("btd,dv->btv", x_BTD, self.W_U.astype(x_BTD.dtype)).astype(jnp.float32)
+    def unembed(self, x_BTD, inv_sigma_BT=None):
+        """(logits [B, T, V] in float32, ln_final's 1/sigma [B, T]); `inv_sigma_BT` freezes that normalisation."""
+        x_BTD, inv_sigma_BT = self.ln_final(x_BTD, inv_sigma_BT)
+        return jnp.einsum("btd,dv->btv", x_BTD, self.W_U.astype(x_BTD.dtype)).astype(jnp.float32), inv_sigma_BT
 
 
 def make(cfg: ModelConfig) -> Transformer:

@@ -52,12 +52,14 @@ MEASURE_LABELS = {
     "copying": "copying score (scaled to [-1, 1])",
     "previous_token": "previous-token score (attention mass)",
     "qk_trace": "QK-eigenvalue trace (logit units)",
+    "ov_copying": "OV copying (eigenvalue positivity, [-1, 1])",
 }
 MEASURE_TITLES = {
     "prefix_matching": "Prefix matching of every head over training",
     "copying": "Copying of every head over training",
     "previous_token": "Previous-token attention of every head over training",
     "qk_trace": "Trace of QK eigenvalues (K-composition) over training",
+    "ov_copying": "OV-circuit copying of every head over training",
 }
 
 
@@ -574,9 +576,9 @@ def head_scores(path, tokens_S, scores_SLH, measure: str, window=None, label_abo
             label_colors.append(colors[layer])
     if measure in ("prefix_matching", "previous_token"):
         ax.set_ylim(-0.03, 1.03)  # attention mass: the whole [0, 1] range, so runs compare at a glance
-    elif measure == "copying":
+    elif measure in ("copying", "ov_copying"):
         ax.set_ylim(-1.05, 1.05)
-    if measure in ("copying", "qk_trace"):
+    if measure in ("copying", "ov_copying", "qk_trace"):
         ax.axhline(0.0, color="k", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
@@ -612,7 +614,7 @@ def head_scores(path, tokens_S, scores_SLH, measure: str, window=None, label_abo
 
 @_styled
 def copying_vs_prefix(path, prefix_LH, copying_LH, thresholds: tuple[float, float] = (0.4, 0.0), title: str = "",
-                      *, return_fig: bool = False):
+                      *, measure: str = "copying", return_fig: bool = False):
     """Copying score against prefix-matching score for every head at one snapshot (the paper's per-head scatter).
 
     Dashed lines at the thresholds (prefix, copying) of the induction-head classification; the induction-head
@@ -651,7 +653,7 @@ def copying_vs_prefix(path, prefix_LH, copying_LH, thresholds: tuple[float, floa
             ax.scatter(x[sel], y[sel], color=colors[layer], s=32, zorder=3, edgecolors="k", lw=0.4,
                        label=f"layer {layer}")
     ax.set_xlabel("prefix-matching score (attention mass)")
-    ax.set_ylabel("copying score (scaled to [-1, 1])")
+    ax.set_ylabel(MEASURE_LABELS.get(measure, measure))
     ax.set_title(title or "Copying vs prefix matching per head (last snapshot)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", framealpha=0.85)

@@ -83,8 +83,8 @@ class RunResults:
         return self.scores_SLHM[..., MEASURES.index(name)]
 
     def induction_mask(self, i: int = -1) -> np.ndarray:
-        return heads.induction_heads(self.measure("prefix_matching")[i], self.measure("copying")[i],
-                                     self.ctx.cfg.eval)
+        return heads.induction_heads(self.measure("prefix_matching")[i],
+                                     self.measure(heads.copying_measure(self.ctx.cfg.eval))[i], self.ctx.cfg.eval)
 
 
 def joint_pca(results: list[RunResults]):
@@ -140,11 +140,14 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
                        title=f"{name}: loss by token index")
     centres, dloss = evaluate.dloss_dlog_index(r.losses_SNP.mean(1))
     plots.dloss_dlog_index(fig / f"{name}_dloss", r.tokens, centres, dloss, win, title=f"{name}")
-    for m in ("prefix_matching", "copying", "previous_token"):
+    for m in ("prefix_matching", "ov_copying", "copying", "previous_token"):
         plots.head_scores(fig / f"{name}_{m}", r.tokens, r.measure(m), m, win, title=f"{name}")
     thr = (r.ctx.cfg.eval.prefix_threshold, r.ctx.cfg.eval.copying_threshold)
-    plots.copying_vs_prefix(fig / f"{name}_scatter", r.measure("prefix_matching")[-1], r.measure("copying")[-1],
-                            thr, title=f"{name} at step {int(r.steps[-1])}")
+    classifying = heads.copying_measure(r.ctx.cfg.eval)
+    for m in ("ov_copying", "copying"):
+        plots.copying_vs_prefix(fig / f"{name}_scatter_{m}", r.measure("prefix_matching")[-1], r.measure(m)[-1],
+                                thr, title=f"{name} at step {int(r.steps[-1])}"
+                                + (" (classifies induction heads)" if m == classifying else ""), measure=m)
     lines = [f"## {name}", ""]
     lines.append(f"- {len(r.steps)} snapshots analysed, steps {int(r.steps[0])}–{int(r.steps[-1])} "
                  f"({_fmt_tokens(r.tokens[0])}–{_fmt_tokens(r.tokens[-1])} tokens); eval loss "
@@ -165,21 +168,24 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
     else:
         lines.append(f"- No phase-change window: the ICL score never improved by {MIN_IMPROVEMENT} nats.")
     ind = r.induction_mask()
-    pm, cp = r.measure("prefix_matching")[-1], r.measure("copying")[-1]
+    pm, cp, ov = r.measure("prefix_matching")[-1], r.measure("copying")[-1], r.measure("ov_copying")[-1]
     pt, qk = r.measure("previous_token")[-1], r.measure("qk_trace")[-1]
-    lines.append(f"- Induction heads at the last snapshot (prefix matching > {thr[0]}, copying > {thr[1]}): "
-                 + (", ".join(f"{l}.{h}" for l, h in zip(*np.nonzero(ind))) or "none") + ".")
-    lines += ["", "| head | prefix matching | copying | previous token | QK trace | induction |", "|---|---|---|---|---|---|"]
+    lines.append(f"- Induction heads at the last snapshot (prefix matching > {thr[0]}, {classifying.replace('_', ' ')}"
+                 f" > {thr[1]}): " + (", ".join(f"{l}.{h}" for l, h in zip(*np.nonzero(ind))) or "none") + ".")
+    lines += ["", "| head | prefix matching | OV copying | copying (evaluator) | previous token | QK trace | induction |",
+              "|---|---|---|---|---|---|---|"]
     order = np.argsort(-np.nan_to_num(pm, nan=-1).ravel())
     for idx in order:
         l, h = divmod(int(idx), pm.shape[1])
-        lines.append(f"| {l}.{h} | {pm[l, h]:.3f} | {cp[l, h]:+.3f} | {pt[l, h]:.3f} | {qk[l, h]:.3g} | "
-                     f"{'yes' if ind[l, h] else ''} |")
+        lines.append(f"| {l}.{h} | {pm[l, h]:.3f} | {ov[l, h]:+.3f} | {cp[l, h]:+.3f} | {pt[l, h]:.3f} | "
+                     f"{qk[l, h]:.3g} | {'yes' if ind[l, h] else ''} |")
     lines.append("")
     for stem, caption in [("loss", "training loss"), ("heatmap", "loss over training and token index"),
                           ("dloss", "d loss / d log(token index)"), ("prefix_matching", "prefix matching per head"),
-                          ("copying", "copying per head"), ("previous_token", "previous-token score per head"),
-                          ("scatter", "copying vs prefix matching at the last snapshot")]:
+                          ("ov_copying", "OV copying per head"), ("copying", "copying (evaluator) per head"),
+                          ("previous_token", "previous-token score per head"),
+                          ("scatter_ov_copying", "OV copying vs prefix matching at the last snapshot"),
+                          ("scatter_copying", "copying (evaluator) vs prefix matching at the last snapshot")]:
         if (fig / f"{name}_{stem}.png").exists():
             lines.append(f"![{name}: {caption}]({rel}/{name}_{stem}.png)")
     lines.append("")

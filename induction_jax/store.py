@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-ANALYSIS_VERSION = 1
-MEASURES = ("prefix_matching", "copying", "previous_token", "qk_trace")
+ANALYSIS_VERSION = 2
+MEASURES = ("prefix_matching", "copying", "previous_token", "qk_trace", "ov_copying")
 
 
 def store_key(eval_hash: str) -> str:

@@ -124,3 +124,102 @@ def test_planted_circuit_ablating_the_induction_head_removes_icl():
     assert abs(icl[0]) < 0.1 * abs(icl_clean)  # the induction head carries (almost) all of it
     for other in icl[1:]:
         assert abs(other - icl_clean) < 0.1 * abs(icl_clean)  # a random head does not
+
+
+# --------------------------------------------------------------------------------------------------- paths
+
+def test_vmapped_lanes_equal_one_at_a_time_on_every_path():
+    cfg, m, p = _setup(d_mlp=64)
+    toks = _tokens()
+    masks = np.concatenate([ablate.single_head_masks(2, 4), np.zeros((1, 2, 4))])
+    for path in ablate.PATHS:
+        lanes = ablate.ablated_losses(m, p, toks, masks, path=path)
+        for i, mask in enumerate(masks):
+            one = ablate.single_mask_losses(m, p, toks, jnp.asarray(mask), path=path)
+            np.testing.assert_allclose(lanes[i], one, atol=2e-6, rtol=1e-6, err_msg=f"{path} lane {i}")
+
+
+def test_paths_agree_only_where_they_should():
+    cfg, m, p = _setup(init_std=0.5)  # attention-only, with LayerNorm
+    toks = _tokens()
+    last = ablate.head_masks([(1, 2)], 2, 4)
+    total = ablate.ablated_losses(m, p, toks, last, path="total")
+    # A last-layer head writes straight into the final residual stream: removing it there is the whole effect.
+    np.testing.assert_allclose(ablate.ablated_losses(m, p, toks, last, path="direct"), total, atol=1e-6)
+    # ... but freezing ln_final's scale changes how the rest of the stream is read without it.
+    assert np.abs(ablate.ablated_losses(m, p, toks, last, path="frozen_ln") - total).max() > 1e-4
+    first = ablate.head_masks([(0, 1)], 2, 4)  # read by layer 1: direct leaves that out
+    assert np.abs(ablate.ablated_losses(m, p, toks, first, path="direct")
+                  - ablate.ablated_losses(m, p, toks, first, path="total")).max() > 1e-4
+    clean = np.asarray(ablate.clean_run(m, p, toks)[0])
+    for path in ablate.PATHS:  # an all-ones lane is the clean run on every path
+        np.testing.assert_allclose(ablate.ablated_losses(m, p, toks, np.ones((1, 2, 4)), path=path)[0], clean,
+                                   atol=1e-5)
+
+
+def _numpy_frozen_ln_logits_without(cfg, p, toks, pats, ablated):
+    """Logits of an attention-only model with LayerNorm once head `ablated` is removed, every LayerNorm's 1/sigma
+    frozen at the clean run's and every pattern frozen: the clean logits minus every term the head's output
+    reaches, propagated by hand in numpy (each frozen LayerNorm is affine, so the change passes through it as
+    C dx * (1/sigma) * gamma, without the bias)."""
+    f = lambda a: np.asarray(a, np.float64)
+    pats = f(pats)  # [L, B, H, Q, K]
+    eps, d = cfg.ln_eps, cfg.d_model
+
+    def centre(x):
+        return x - x.mean(-1, keepdims=True)
+
+    def inv_sigma(x):
+        return 1.0 / np.sqrt((centre(x) ** 2).mean(-1, keepdims=True) + eps)
+
+    def ov(layer, h):
+        a = p[f"block_{layer}"]["attn"]
+        return f(a["W_V"])[:, h] @ f(a["W_O"])[h]
+
+    def heads_out(layer, x_in):  # every head's result vector [H, B, T, D] given its LayerNorm'd input
+        return np.stack([np.einsum("bqk,bkd->bqd", pats[layer][:, h], x_in @ ov(layer, h))
+                         for h in range(cfg.n_heads)])
+
+    x = f(p["W_E"])[np.asarray(toks)]
+    scales, results = [], []
+    for layer in range(cfg.n_layers):  # the clean run, for its LayerNorm scales and head results
+        ln = p[f"block_{layer}"]["ln1"]
+        s = inv_sigma(x)
+        r = heads_out(layer, centre(x) * s * f(ln["scale"]) + f(ln["bias"]))
+        scales.append(s)
+        results.append(r)
+        x = x + r.sum(0)
+    s_f = inv_sigma(x)
+    logits = (centre(x) * s_f * f(p["ln_final"]["scale"]) + f(p["ln_final"]["bias"])) @ f(p["W_U"])
+    layer0, h0 = ablated
+    dx = -results[layer0][h0]  # the head's own output, then everything downstream that reads it
+    for layer in range(layer0 + 1, cfg.n_layers):
+        dx = dx + heads_out(layer, centre(dx) * scales[layer] * f(p[f"block_{layer}"]["ln1"]["scale"])).sum(0)
+    assert d == x.shape[-1]
+    return logits + (centre(dx) * s_f * f(p["ln_final"]["scale"])) @ f(p["W_U"])
+
+
+def test_frozen_ln_equals_subtracting_the_heads_terms():
+    cfg, m, p = _setup(init_std=0.4, n_layers=3)
+    toks = _tokens(b=2)
+    _, cap = m.apply({"params": p}, toks, capture=("patterns",))
+    heads = [(0, 1), (1, 3), (2, 0)]
+    lanes = ablate.ablated_losses(m, p, toks, ablate.head_masks(heads, 3, 4), path="frozen_ln")
+    for lane, head in zip(lanes, heads):
+        expect = _numpy_frozen_ln_logits_without(cfg, p, toks, cap["patterns"], head)
+        np.testing.assert_allclose(lane, model.token_losses(jnp.asarray(expect, jnp.float32), toks), atol=2e-5)
+
+
+def test_shares_and_their_standard_errors():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(-0.6, 0.5, size=4000)
+    exact = np.stack([-0.5 * clean, 0.2 * clean])  # removes 50%, adds 20%: the ratio is exact in every window
+    share, se = ablate.shares(exact, clean, n_boot=200)
+    np.testing.assert_allclose(share, [0.5, -0.2], atol=1e-12)
+    assert np.all(se < 1e-9)
+    noisy = rng.normal(0.3, 1.0, size=(1, 4000))  # removes 0.3 / 0.6 = 50%, with noise of its own
+    share, se = ablate.shares(noisy, clean, n_boot=400)
+    # delta method: var(share) ~ var(delta - share * clean) / (n * mean(clean)^2)
+    want = np.std(noisy[0] + share[0] * clean) / (np.sqrt(4000) * 0.6)
+    assert 0.7 * want < se[0] < 1.3 * want and abs(share[0] - 0.5) < 4 * want
+    assert np.isnan(ablate.shares(exact, -clean)[0]).all()  # no ICL to remove: no share

@@ -37,11 +37,12 @@ def test_analyze_every_snapshot_and_write_report(run_dir, tmp_path):
     assert steps == [4, 8, 12, 16, 20, 24]
     losses = ctx.store.read(analyze.SECTION, "per_token_loss")
     assert losses.shape == (6,) + (ctx.tokens_NL.shape[0], ctx.tokens_NL.shape[1] - 1)
-    assert ctx.store.read(analyze.SECTION, "head_scores").shape == (6, 2, 4, 4)
+    assert ctx.store.read(analyze.SECTION, "head_scores").shape == (6, 2, 4, 5)
     path = report.write([ctx])
     text = path.read_text()
     assert "ICL score" in text and "Induction heads at the last snapshot" in text
-    for png in ("icl", "pca", "run_heatmap", "run_scatter", "run_prefix_matching"):
+    for png in ("icl", "pca", "run_heatmap", "run_scatter_ov_copying", "run_scatter_copying", "run_prefix_matching",
+                "run_ov_copying"):
         assert (path.parent / "figures" / f"{png}.png").stat().st_size > 1000
     rows = (ctx.store.dir / "summary.csv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("step,tokens,eval_loss,icl")
@@ -115,7 +116,7 @@ def test_run_api(run_dir, tmp_path):
     np.testing.assert_allclose(stored, fresh, rtol=1e-5, atol=1e-5)  # stored ones were sharded over 8 devices
     assert set(run.icl_scores()) == set(run.steps)
     steps, scores, measures = run.head_scores()
-    assert scores.shape == (6, 2, 4, 4) and measures[0] == "prefix_matching"
+    assert scores.shape == (6, 2, 4, 5) and measures[0] == "prefix_matching"
     rows = run.head_scores(tidy=True)
     assert len(rows) == 6 * 2 * 4 * 4 and {"step", "layer", "head", "measure", "value"} <= set(rows[0])
 
