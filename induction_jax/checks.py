@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ablate
 from .report import RunResults
 
 
@@ -40,30 +41,92 @@ def _line(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'FAIL'} {text}"
 
 
-def loss_bump_tokens(tokens, loss) -> float | None:
-    """Where the smoothed training loss falls fastest against log tokens after the first 5% of training."""
-    tokens, loss = np.asarray(tokens, float), np.asarray(loss, float)
-    if len(loss) < 20:
-        return None
-    k = max(len(loss) // 50, 1)
-    ls = np.convolve(loss, np.ones(k) / k, mode="valid")
-    ts = tokens[k - 1:]
-    start = int(0.05 * len(ts))
-    slope = np.gradient(ls[start:], np.log(np.maximum(ts[start:], 1)))
-    return float(ts[start + int(np.argmin(slope))])
+SMOOTH_DECADES = 0.1  # both detectors smooth over this fraction of a decade of training tokens
+GRID_DECADES = 0.01  # resolution of the log-token grid the smoothed curves live on
+FIT_DECADES = 0.5  # the power law of the loss-bump detector is fitted to this much loss before a candidate onset
+MIN_FIT_DECADES = 0.2
+HORIZON_DECADES = 0.3  # how far past the onset the excess fall is followed
 
 
-def pca_pivot_tokens(tokens, xy_S2) -> float | None:
-    """The snapshot where the PCA trajectory turns most sharply (largest angle between successive moves)."""
-    xy = np.asarray(xy_S2, float)
-    if len(xy) < 3:
+def smooth_log_tokens(tokens, values, width: float = SMOOTH_DECADES, grid: float = GRID_DECADES):
+    """(log10 tokens on a uniform grid [G], values smoothed there [G]): samples are averaged in bins of `grid`
+    decades (empty bins, where snapshots are sparse, take the linear interpolation of their neighbours), then a
+    moving average over `width` decades. Smoothing over a fixed fraction of a decade, not a fixed number of
+    samples, treats dense late snapshots and sparse early ones alike."""
+    t, v = np.asarray(tokens, float), np.asarray(values, float)
+    ok = (t > 0) & np.isfinite(v)
+    x, v = np.log10(t[ok]), v[ok]
+    if x.size < 2 or x.max() - x.min() < width:
+        return np.zeros(0), np.zeros(0)
+    edges = np.arange(x.min(), x.max() + grid, grid)
+    centres = (edges[:-1] + edges[1:]) / 2
+    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(centres) - 1)
+    count = np.bincount(which, minlength=len(centres))
+    mean = np.bincount(which, weights=v, minlength=len(centres)) / np.maximum(count, 1)
+    has = count > 0
+    filled = np.interp(centres, centres[has], mean[has])
+    k = max(int(round(width / grid)), 1)
+    return centres[k // 2: len(centres) - (k - 1 - k // 2)], np.convolve(filled, np.ones(k) / k, mode="valid")
+
+
+def loss_bump(tokens, loss, start_tokens: float = 0.0, end_tokens: float = np.inf) -> dict | None:
+    """The training-loss bump: the largest excess fall of the smoothed loss below a power law fitted to the loss
+    before it (DESIGN.md §3.1, check 1b).
+
+    For every candidate onset x (log10 tokens), a power law (a line in log-log) is fitted to the smoothed loss
+    over the `FIT_DECADES` before x and extrapolated `HORIZON_DECADES` past it; the excess fall is how far the
+    loss drops below that extrapolation, in nats. The bump is the onset with the largest excess; its location is
+    where that fall is half done. Only tokens in [start_tokens, end_tokens] count: a learning-rate warm-up or
+    decay bends the curve for reasons of its own. Returns {"tokens", "onset_tokens", "excess_nats"} or None when
+    the curve is too short or never falls below its trend.
+    """
+    t, y = np.asarray(tokens, float), np.asarray(loss, float)
+    keep = (t >= max(start_tokens, 1.0)) & (t <= end_tokens)
+    x, s = smooth_log_tokens(t[keep], y[keep])
+    if x.size == 0 or np.any(s <= 0):
         return None
-    d = np.diff(xy, axis=0)
-    ang = []
-    for a, b in zip(d[:-1], d[1:]):
-        na, nb = np.linalg.norm(a), np.linalg.norm(b)
-        ang.append(np.arccos(np.clip(a @ b / (na * nb), -1, 1)) if na > 0 and nb > 0 else 0.0)
-    return float(tokens[1 + int(np.argmax(ang))])
+    n_fit, n_min = int(round(FIT_DECADES / GRID_DECADES)), int(round(MIN_FIT_DECADES / GRID_DECADES))
+    n_ahead = int(round(HORIZON_DECADES / GRID_DECADES))
+    log_s = np.log(s)
+    best = None
+    for i in range(n_min, len(x) - 3):
+        lo = max(0, i - n_fit)
+        slope, intercept = np.polyfit(x[lo: i + 1], log_s[lo: i + 1], 1)
+        ahead = slice(i + 1, min(len(x), i + 1 + n_ahead))
+        excess = np.exp(intercept + slope * x[ahead]) - s[ahead]
+        top = int(np.argmax(excess))
+        if excess[top] > 0 and (best is None or excess[top] > best[1]):
+            half = i + 1 + int(np.argmax(excess >= excess[top] / 2))
+            best = (i, float(excess[top]), half)
+    if best is None:
+        return None
+    i, excess, half = best
+    return {"tokens": float(10 ** x[half]), "onset_tokens": float(10 ** x[i]), "excess_nats": excess}
+
+
+def pca_pivot(tokens_a, xy_a, tokens_b, xy_b) -> dict | None:
+    """Where trajectory a (the 2-layer model's, in the joint PCA) leaves trajectory b (the 1-layer model's, same
+    data and eval set) (DESIGN.md §3.1, check 1c).
+
+    The separation is the distance between the two models' points at the same number of training tokens (b
+    interpolated in log tokens, over the range both cover), smoothed over `SMOOTH_DECADES`; the pivot is where it
+    grows fastest against log tokens. Returns {"tokens", "separation_before", "separation_after"} (the smoothed
+    separation `SMOOTH_DECADES` / 2 either side) or None without an overlap."""
+    ta, tb = np.asarray(tokens_a, float), np.asarray(tokens_b, float)
+    xy_a, xy_b = np.asarray(xy_a, float), np.asarray(xy_b, float)
+    keep = (ta > 0) & (ta >= tb[tb > 0].min(initial=np.inf)) & (ta <= tb.max(initial=-np.inf))
+    if keep.sum() < 3:
+        return None
+    lb = np.log10(np.maximum(tb, 1.0))
+    order = np.argsort(lb)
+    b_at_a = np.stack([np.interp(np.log10(ta[keep]), lb[order], xy_b[order, c]) for c in range(xy_b.shape[1])], 1)
+    x, sep = smooth_log_tokens(ta[keep], np.linalg.norm(xy_a[keep] - b_at_a, axis=1))
+    if x.size < 2:
+        return None
+    k = int(np.argmax(np.diff(sep)))
+    h = int(round(SMOOTH_DECADES / GRID_DECADES / 2))
+    return {"tokens": float(10 ** ((x[k] + x[k + 1]) / 2)), "separation_before": float(sep[max(k - h, 0)]),
+            "separation_after": float(sep[min(k + 1 + h, len(sep) - 1)])}
 
 
 def copying_info(r: RunResults, ranks: dict, vocab: int, n: int = 2) -> list[str]:
@@ -71,27 +134,95 @@ def copying_info(r: RunResults, ranks: dict, vocab: int, n: int = 2) -> list[str
     to `heads.copying_rank` (how often the token a head reads is its top direct-path logit), which shows whether a
     low copying score means the head does not copy or that its other logits are noisy."""
     pm_LH, cp_LH = r.measure("prefix_matching")[-1], r.measure("copying")[-1]
+    ov_LH = r.measure("ov_copying")[-1]
     order = np.argsort(-np.nan_to_num(pm_LH, nan=-1.0), axis=None)[:n]
     lines = []
     for flat in order:
         l, h = np.unravel_index(flat, pm_LH.shape)
-        lines.append(f"INFO head {l}.{h} at step {int(r.steps[-1])}: prefix matching {pm_LH[l, h]:.2f}, copying "
-                     f"{cp_LH[l, h]:+.2f}; the token it reads is its top direct-path logit for "
-                     f"{ranks['top1'][l, h]:.0%} of sources (median rank {ranks['median_rank'][l, h]:.0f} of "
+        lines.append(f"INFO head {l}.{h} at step {int(r.steps[-1])}: prefix matching {pm_LH[l, h]:.2f}, OV copying "
+                     f"{ov_LH[l, h]:+.2f}, copying evaluator {cp_LH[l, h]:+.2f}; the token it reads is its top "
+                     f"direct-path logit for {ranks['top1'][l, h]:.0%} of sources (median rank {ranks['median_rank'][l, h]:.0f} of "
                      f"{vocab}).")
     return lines
 
 
+def constant_lr_span(tokens, lr) -> tuple[float, float]:
+    """(first, last) tokens at which the logged learning rate is at its peak: the loss-bump detector's range."""
+    tokens, lr = np.asarray(tokens, float), np.asarray(lr, float)
+    if not np.isfinite(lr).any():
+        return 0.0, np.inf
+    at_peak = np.flatnonzero(lr >= np.nanmax(lr) * (1 - 1e-6))
+    return float(tokens[at_peak[0]]), float(tokens[at_peak[-1]])
+
+
+def _check4(ev: dict | None, eval_cfg) -> str:
+    title = "4. Ablation (Argument 3)"
+    if ev is None or "total" not in ev["paths"]:
+        return _line(False, f"{title}: no ablation results for the 2-layer model.")
+    total = ev["paths"]["total"]
+    ind = ev["induction"]
+    names = ", ".join(ind) or "none"
+    share, se = total["induction_share"], total["induction_se"]
+    top = int(np.nanargmax(total["share"])) if np.isfinite(total["share"]).any() else None
+    ok_a, ok_b = bool(ind), bool(ind) and share >= 0.7
+    top_text = "n/a" if top is None else f"{ev['labels'][top]} ({total['share'][top]:.0%} ± {total['se'][top]:.0%})"
+    ok_c = top is not None and ev["labels"][top] in ind
+    if ev["undone"] is None:
+        undo_text, ok_c = "no before/after snapshots", False
+    else:
+        u = int(np.argmax(ev["undone"]))
+        undo_text = f"{ev['labels'][u]} ({ev['undone'][u]:.0%}, steps {ev['before']} -> {ev['after']})"
+        ok_c = ok_c and ev["labels"][u] in ind
+    copying = "OV copying" if eval_cfg.copying_measure == "ov" else "copying"
+    return _line(ok_a and ok_b and ok_c,
+                 f"{title}: at step {ev['step']}, (a) induction heads (prefix matching > {eval_cfg.prefix_threshold}"
+                 f", {copying} > {eval_cfg.copying_threshold}): {names}; (b) pattern-preserving ablation of them "
+                 f"together removes {share:.0%} ± {se:.0%} of the ±{eval_cfg.icl_window}-index ICL score "
+                 f"({ev['clean_icl_window']:+.3f} nats; need >= 70%); (c) the head removing the largest share is "
+                 f"{top_text} and the head undoing the largest share of the phase change is {undo_text} (both "
+                 f"need to be induction heads).")
+
+
+def _share_info(ev: dict | None) -> list[str]:
+    if ev is None or not ev["paths"]:
+        return []
+    paths = [p for p in ablate.PATHS if p in ev["paths"]]
+    cells = []
+    for i, lab in enumerate(ev["labels"]):
+        cells.append(f"{lab}{'*' if lab in ev['induction'] else ''} "
+                     + "/".join(f"{ev['paths'][p]['share'][i]:+.0%}" for p in paths))
+    return [f"INFO share of the ICL score removed by each head at step {ev['step']} ({' / '.join(paths)} paths; "
+            f"* induction head): " + ", ".join(cells) + "."]
+
+
 def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation: dict | None,
-                extras: dict) -> list[str]:
+                bump: dict | None, pivot: dict | None) -> list[str]:
+    """The PASS/FAIL lines of checks 1-4 (DESIGN.md §3.1) and INFO lines, from measured results only.
+
+    `ablation` is `ablation_evidence(two, ...)`; `bump` is `loss_bump` of the 2-layer training loss; `pivot` is
+    `pca_pivot` of the 2-layer trajectory against the 1-layer one."""
     lines = []
     w = best_window(two)
     imp2 = improvement(two)
-    ok1 = w["share"] >= 0.6 and w["span"] <= 0.3 and w["pm_start"] < 0.2 and w["pm_end"] > 0.5 and imp2 > 0
-    lines.append(_line(ok1, f"1. Phase change (Argument 1): {w['share']:.0%} of the 2-layer model's ICL improvement "
-                            f"({imp2:+.3f} nats) happens between {w['start_tokens']:,.0f} and {w['end_tokens']:,.0f} "
-                            f"tokens ({w['span']:.0%} of training; need >= 60% within <= 30%); max prefix matching "
-                            f"there {w['pm_start']:.2f} -> {w['pm_end']:.2f} (need < 0.2 -> > 0.5)."))
+    win = (w["start_tokens"], w["end_tokens"])
+    ok_a = w["share"] >= 0.6 and w["span"] <= 0.3 and w["pm_start"] < 0.2 and w["pm_end"] > 0.5 and imp2 > 0
+
+    def inside(found):
+        return found is not None and win[0] <= found["tokens"] <= win[1]
+
+    bump_text = "none found" if bump is None else \
+        f"{bump['tokens']:,.0f} tokens ({bump['excess_nats']:.3f} nats below the power law fitted before it)"
+    pivot_text = "none found" if pivot is None else (f"{pivot['tokens']:,.0f} tokens (separation "
+                                                     f"{pivot['separation_before']:.2f} -> "
+                                                     f"{pivot['separation_after']:.2f})")
+    lines.append(_line(ok_a and inside(bump) and inside(pivot),
+                       f"1. Phase change (Argument 1): (a) {w['share']:.0%} of the 2-layer model's ICL improvement "
+                       f"({imp2:+.3f} nats) happens between {win[0]:,.0f} and {win[1]:,.0f} tokens ({w['span']:.0%} "
+                       f"of training; need >= 60% within <= 30%); max prefix matching there {w['pm_start']:.2f} -> "
+                       f"{w['pm_end']:.2f} (need < 0.2 -> > 0.5); (b) training-loss bump at {bump_text}: "
+                       f"{'inside' if inside(bump) else 'not inside'} the window; (c) PCA pivot (the 2-layer "
+                       f"trajectory leaves the 1-layer one) at {pivot_text}: "
+                       f"{'inside' if inside(pivot) else 'not inside'} the window."))
     imp1 = improvement(one)
     pm1 = float(np.nanmax(one.measure("prefix_matching")))
     ok2 = imp2 > 0 and imp1 <= imp2 / 3 and pm1 <= 0.3
@@ -106,24 +237,6 @@ def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation:
                             f"2-layer {imp2:+.3f} (ratio {imps / imp2 if imp2 else float('nan'):.2f}; need a 2-layer "
                             f"improvement > 0 and a ratio >= 2/3); its "
                             f"max prefix matching {pms:.2f} (need > 0.5)."))
-    if ablation is None:
-        lines.append(_line(False, "4. Ablation (Argument 3): no ablation results for the 2-layer model."))
-    else:
-        clean = ablation["clean_icl"]
-        ind = ablation["induction"]
-        share = -ablation["induction_delta_icl"] / clean if clean < 0 else float("nan")
-        others = [(f"{l}.{h}", -d / clean if clean < 0 else float("nan"))
-                  for (l, h), d in zip(ablation["heads"], ablation["delta_icl"]) if not ind[l][h]]
-        worst = max(others, key=lambda x: x[1]) if others else ("none", 0.0)
-        names = ", ".join(f"{l}.{h}" for l in range(len(ind)) for h in range(len(ind[l])) if ind[l][h]) or "none"
-        ok4 = bool(names != "none" and share >= 0.7 and worst[1] <= 0.1)
-        lines.append(_line(ok4, f"4. Ablation (Argument 3): at step {ablation['step']}, pattern-preserving ablation "
-                                f"of the induction heads ({names}) removes {share:.0%} of the ICL score "
-                                f"({clean:+.3f} nats; need >= 70%); the largest share removed by any other single "
-                                f"head is {worst[1]:.0%} ({worst[0]}; need <= 10%)."))
-    win = (w["start_tokens"], w["end_tokens"])
-    for name, tok in extras.items():
-        where = "n/a" if tok is None else ("inside" if win[0] <= tok <= win[1] else "outside")
-        lines.append(f"INFO {name}: {'n/a' if tok is None else f'{tok:,.0f} tokens'} ({where} the window "
-                     f"{win[0]:,.0f}-{win[1]:,.0f}).")
+    lines.append(_check4(ablation, two.ctx.cfg.eval))
+    lines += _share_info(ablation)
     return lines

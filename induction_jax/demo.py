@@ -189,26 +189,26 @@ def main(argv=None) -> int:
     from . import ablate, analyze, checks, heads, report
     print("3/4 analyzing every snapshot", flush=True)
     contexts = {name: analyze.analyze_run(out / name, out / name / "analysis") for name in RUNS}
-    two = report.RunResults(contexts["attn_only_2l"])
-    picks = ablation_steps(two.steps.tolist(), two.window)
-    print(f"4/4 ablating every head of the 2-layer model at steps {picks}", flush=True)
-    ablate.ablate_run(contexts["attn_only_2l"], steps=picks, kind="pattern")
-
-    path = report.write(list(contexts.values()), out)
     results = {name: report.RunResults(ctx) for name, ctx in contexts.items()}
-    abl = None
-    recs = contexts["attn_only_2l"].store.sorted_records("ablation-pattern")
-    if recs:
-        last = recs[-1]
-        i = list(results["attn_only_2l"].steps).index(last["step"])
-        abl = dict(last, induction=results["attn_only_2l"].induction_mask(i).tolist())
-    tok_tr, loss_tr = report.training_loss(out / "attn_only_2l")
+    two, ctx2 = results["attn_only_2l"], contexts["attn_only_2l"]
+    # Check 1's window: the ablations bracket it, and its two ends are the before/after of the attribution.
+    w = checks.best_window(two)
+    picks = ablation_steps(two.steps.tolist(), {"start_index": w["i"], "end_index": w["j"]})
+    before, after = int(two.steps[w["i"]]), int(two.steps[w["j"]])
+    print(f"4/4 ablating every head of the 2-layer model at steps {picks} (and along the direct and frozen_ln "
+          f"paths at step {picks[-1]})", flush=True)
+    ablate.ablate_run(ctx2, steps=picks, kind="pattern")
+    for path_name in ("direct", "frozen_ln"):
+        ablate.ablate_run(ctx2, steps=picks[-1:], kind="pattern", path=path_name)
+
+    path = report.write(list(contexts.values()), out, before_after=(before, after))
+    tok_tr, loss_tr, lr_tr = report.training_loss(out / "attn_only_2l")
+    start, end = checks.constant_lr_span(tok_tr, lr_tr)
+    bump = checks.loss_bump(tok_tr, loss_tr, start, end)
     proj, _ = report.joint_pca(list(results.values()))
-    extras = {"training-loss bump (steepest fall vs log tokens)": checks.loss_bump_tokens(tok_tr, loss_tr),
-              "PCA pivot (sharpest turn of the trajectory)": checks.pca_pivot_tokens(two.tokens, proj[0])}
-    lines = checks.demo_checks(results["attn_only_2l"], results["attn_only_1l"], results["smeared_key_1l"],
-                               abl, extras)
-    ctx2 = contexts["attn_only_2l"]
+    pivot = checks.pca_pivot(two.tokens, proj[0], results["attn_only_1l"].tokens, proj[1])
+    evidence = report.ablation_evidence(two, before, after)
+    lines = checks.demo_checks(two, results["attn_only_1l"], results["smeared_key_1l"], evidence, bump, pivot)
     ranks = heads.copying_rank(ctx2.model, ctx2.params(int(two.steps[-1])), ctx2.cfg.eval, ctx2.sampler(),
                                ctx2.prepared.bos_id, np.random.default_rng(ctx2.cfg.data.eval_seed + 1))
     lines += checks.copying_info(two, ranks, ctx2.cfg.model.vocab_size)

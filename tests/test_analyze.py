@@ -118,7 +118,7 @@ def test_run_api(run_dir, tmp_path):
     steps, scores, measures = run.head_scores()
     assert scores.shape == (6, 2, 4, 5) and measures[0] == "prefix_matching"
     rows = run.head_scores(tidy=True)
-    assert len(rows) == 6 * 2 * 4 * 4 and {"step", "layer", "head", "measure", "value"} <= set(rows[0])
+    assert len(rows) == 6 * 2 * 4 * 5 and {"step", "layer", "head", "measure", "value"} <= set(rows[0])
 
 
 def _tl_forward(sd, cfg, tokens):
@@ -185,3 +185,39 @@ def test_detect_window_ignores_an_early_transient():
     w = report.detect_window(tokens, icl)
     assert 22 <= w["start_index"] <= 25 and 26 <= w["end_index"] <= 29
     assert report.detect_window(tokens, np.zeros(40)) is None
+
+
+def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
+    from induction_jax import ablate
+
+    ctx = analyze.analyze_run(_copy(run_dir, tmp_path), progress=False)
+    cfg = ctx.cfg.model
+    n_heads = cfg.n_layers * cfg.n_heads
+    for path in ablate.PATHS:
+        section = ablate.ablate_run(ctx, steps=[20, 24], path=path, progress=False)
+        assert section == ablate.section_name("pattern", path) and ctx.store.sorted_steps(section) == [20, 24]
+        rec = ctx.store.sorted_records(section)[-1]
+        assert len(rec["delta_icl"]) == len(rec["delta_icl_window"]) == n_heads and "induction_delta_icl" in rec
+        icl_N, delta_MN = ctx.store.read(section, "icl_window", 24), ctx.store.read(section, "delta_icl_window", 24)
+        assert icl_N.shape == (len(ctx.tokens_NL),) and delta_MN.shape == (n_heads + 1, len(ctx.tokens_NL))
+        np.testing.assert_allclose(delta_MN.mean(1)[:n_heads], rec["delta_icl_window"], atol=1e-6)
+    assert ablate.ablate_run(ctx, steps=[20, 24], progress=False) and \
+        ctx.store.sorted_steps(ablate.section_name()) == [20, 24]  # done snapshots are not redone
+
+    r = report.RunResults(ctx)
+    ev = report.ablation_evidence(r, 4, 24)
+    assert ev["step"] == 24 and set(ev["paths"]) == set(ablate.PATHS) and len(ev["undone"]) == n_heads
+    total, direct = ev["paths"]["total"], ev["paths"]["direct"]
+    last_layer = slice((cfg.n_layers - 1) * cfg.n_heads, n_heads)  # attention-only: direct == total there
+    np.testing.assert_allclose(direct["share"][last_layer], total["share"][last_layer], rtol=1e-4, atol=1e-6)
+    share, _ = ablate.shares(ctx.store.read("ablation-pattern", "delta_icl_window", 24),
+                             ctx.store.read("ablation-pattern", "icl_window", 24))
+    np.testing.assert_allclose(total["share"], share[:n_heads])
+
+    fig = tmp_path / "fig"
+    fig.mkdir()
+    lines = report.ablation_section(r, fig, "fig", before_after=(4, 24))
+    table = [line for line in lines if line.startswith("| 1.")]
+    assert len(table) == cfg.n_heads and all(line.count("±") == 3 for line in table)
+    assert any("share removed, frozen_ln" in line for line in lines)
+    assert (fig / "run_ablation.png").exists() and (fig / "run_attribution.png").exists()
