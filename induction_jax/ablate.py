@@ -1,4 +1,4 @@
-"""Head ablations, one head mask per batch lane, and before-and-after attribution (DESIGN.md §1.5).
+"""Head ablations, one head mask per batch lane, and before-and-after attribution (docs/method.md §5).
 
 Pattern-preserving ablation (the paper's causal tool): a clean run records every attention pattern; the ablated run
 zeroes the masked heads' result vectors while every pattern is forced to the clean one. Full ablation recomputes
@@ -8,7 +8,7 @@ the patterns. Structure we exploit, both exact:
 - with patterns frozen no query/key is recomputed at all; only values, W_O and the unembedding run per lane.
 All lanes of a group are one jitted call, `jax.vmap` over the mask axis; the lane axis is sharded over devices.
 
-Paths (what the removed head output is taken out of; DESIGN.md §1.5), with the same lanes:
+Paths (what the removed head output is taken out of; docs/method.md §5), with the same lanes:
 - `total` (the paper's): the head's output is zeroed where it is written, so later layers read the ablated stream;
 - `direct`: the head's output is subtracted from the final residual stream only (what the unembedding reads);
   later layers still read the clean stream;

@@ -74,7 +74,7 @@ def _path_name(path: tuple) -> str:
 
 def _restore_args(abstract: Any, what: str):
     """Restore arguments that put every array on the sharding of its ShapeDtypeStruct. Orbax needs these to
-    restore onto another mesh or device count; `item=abstract` alone is not enough (DESIGN §5)."""
+    restore onto another mesh or device count; `item=abstract` alone is not enough (docs/method.md §7)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         if getattr(leaf, "sharding", None) is None:
             raise ValueError(f"{what}: leaf {_path_name(path)} has no sharding; pass jax.ShapeDtypeStruct(shape, "

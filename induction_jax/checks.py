@@ -1,7 +1,7 @@
 """The CPU demo's checks of the paper's Arguments 1-3, computed from measured results (PASS/FAIL with numbers).
 
 ICL improvement = ICL score at the first snapshot minus at the last (positive = the run learned to use context),
-using the ±window-averaged score (single indices are too noisy on a small eval set; DESIGN.md §3).
+using the ±window-averaged score (single indices are too noisy on a small eval set; docs/method.md §3).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def smooth_log_tokens(tokens, values, width: float = SMOOTH_DECADES, grid: float
 
 def loss_bump(tokens, loss, start_tokens: float = 0.0, end_tokens: float = np.inf) -> dict | None:
     """The training-loss bump: the largest excess fall of the smoothed loss below a power law fitted to the loss
-    before it (DESIGN.md §3.1, check 1b).
+    before it (docs/method.md §6, check 1b).
 
     For every candidate onset x (log10 tokens), a power law (a line in log-log) is fitted to the smoothed loss
     over the `FIT_DECADES` before x and extrapolated `HORIZON_DECADES` past it; the excess fall is how far the
@@ -106,7 +106,7 @@ def loss_bump(tokens, loss, start_tokens: float = 0.0, end_tokens: float = np.in
 
 def pca_pivot(tokens_a, xy_a, tokens_b, xy_b) -> dict | None:
     """Where trajectory a (the 2-layer model's, in the joint PCA) leaves trajectory b (the 1-layer model's, same
-    data and eval set) (DESIGN.md §3.1, check 1c).
+    data and eval set) (docs/method.md §6, check 1c).
 
     The separation is the distance between the two models' points at the same number of training tokens (b
     interpolated in log tokens, over the range both cover), smoothed over `SMOOTH_DECADES`; the pivot is where it
@@ -197,7 +197,7 @@ def _share_info(ev: dict | None) -> list[str]:
 
 def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation: dict | None,
                 bump: dict | None, pivot: dict | None) -> list[str]:
-    """The PASS/FAIL lines of checks 1-4 (DESIGN.md §3.1) and INFO lines, from measured results only.
+    """The PASS/FAIL lines of checks 1-4 (docs/method.md §6) and INFO lines, from measured results only.
 
     `ablation` is `ablation_evidence(two, ...)`; `bump` is `loss_bump` of the 2-layer training loss; `pivot` is
     `pca_pivot` of the 2-layer trajectory against the 1-layer one."""

@@ -6,7 +6,7 @@ tokenizer.json, metadata.json, splits.json (document names per split) and tensor
 It is built in a temporary directory and renamed into place only when complete, so a directory with that name
 is always whole.
 
-`Loader` makes the global batch of step s a pure function of (seed, s) (DESIGN.md §5): no iterator state to
+`Loader` makes the global batch of step s a pure function of (seed, s) (docs/method.md §7): no iterator state to
 checkpoint, and resuming on any number of processes reproduces an uninterrupted run exactly.
 
 CLI: `python -m induction_jax.data prepare --config configs/X.yaml [key=value ...]`.
@@ -47,7 +47,7 @@ def cache_root(cfg: Config) -> Path:
 
 
 def eval_length(cfg: Config) -> int:
-    """Eval windows are the model's context when that is shorter than `data.eval_length` (DESIGN.md §1.3)."""
+    """Eval windows are the model's context when that is shorter than `data.eval_length` (docs/method.md §3)."""
     return min(cfg.data.eval_length, cfg.model.context)
 
 
@@ -100,7 +100,7 @@ def make_eval_set(stream_M: np.ndarray, n: int, length: int, seed: int) -> tuple
     """N windows at uniformly random offsets of the held-out stream, and one random token index in [1, L-1] each.
 
     Offsets, not document starts: the content at every token index is then identically distributed, and only the
-    available context differs (DESIGN.md §1.3).
+    available context differs (docs/method.md §3).
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, _EVAL_STREAM]))
     offsets_N = rng.integers(0, stream_M.size - length + 1, size=n)

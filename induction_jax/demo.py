@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +28,44 @@ RUNS = {"attn_only_2l": "configs/cpu/attn_only_2l.yaml", "attn_only_1l": "config
         "smeared_key_1l": "configs/cpu/smeared_key_1l.yaml"}
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 ABLATION_SNAPSHOTS = 8
+LOCK = "requirements.lock"
+DIGESTS = "configs/cpu/corpus-digests.json"  # the demo corpus's digests, per Python version, in the locked venv
+
+
+def lock_mismatches(lock: str | Path = LOCK) -> list[str]:
+    """How this environment differs from the lock file ("name: installed X, locked Y"); empty when it matches.
+
+    The demo's corpus includes the venv's site-packages, so only the locked environment reproduces the recorded
+    corpus (and with it the recorded data order)."""
+    from importlib import metadata
+
+    from packaging.markers import Marker
+    out = []
+    for line in Path(lock).read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line)
+        if not m or (m[3] and not Marker(m[3]).evaluate()):
+            continue
+        try:
+            have = metadata.version(m[1])
+        except metadata.PackageNotFoundError:
+            have = "none"
+        if have != m[2]:
+            out.append(f"{m[1]}: installed {have}, locked {m[2]}")
+    return out
+
+
+def corpus_digest_note(prepared) -> str:
+    """One line: whether the prepared corpus is the one recorded for this Python version."""
+    import platform
+    key = f"python {platform.python_version()}"
+    want = json.loads(Path(DIGESTS).read_text()).get(key) if Path(DIGESTS).exists() else None
+    got = prepared.metadata.get("tokens_sha256", "")
+    if want is None:
+        return f"no recorded corpus digest for {key}: the data order differs from the documented runs"
+    if got == want["tokens_sha256"]:
+        return f"token store sha256 {got[:16]}: the corpus recorded for {key} (the documented runs' data)"
+    return (f"token store sha256 {got[:16]} differs from the one recorded for {key} ({want['tokens_sha256'][:16]}); "
+            f"install from {LOCK} (make demo) to reproduce the documented runs")
 
 
 def _steps_done(run_dir: Path) -> int:
@@ -182,6 +221,7 @@ def main(argv=None) -> int:
     print("1/4 preparing the corpus (the Python standard library and site-packages)", flush=True)
     prepared = data.prepare(cfg)
     print("    " + data.summary(prepared).replace("\n", "\n    "), flush=True)
+    print("    " + corpus_digest_note(prepared), flush=True)
 
     print("2/4 training three models side by side (one single-threaded process per core)", flush=True)
     train_all(out, args.overrides)

@@ -1,4 +1,4 @@
-"""Per-token losses on the fixed eval set, the ICL score and the loss views of DESIGN §1.3.
+"""Per-token losses on the fixed eval set, the ICL score and the loss views of docs/method.md §3.
 
 Convention (as in model.token_losses): a loss array `losses_NL` has L = T - 1 columns and column c holds the loss
 at token index c + 1, the 0-based index of the predicted token. Token index 0 has no loss.

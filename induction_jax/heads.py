@@ -1,4 +1,4 @@
-"""Per-head evaluators of Olsson et al. (2022), DESIGN §1.4: prefix matching, copying, previous token, QK trace.
+"""Per-head evaluators of Olsson et al. (2022), docs/method.md §4: prefix matching, copying, previous token, QK trace.
 
 Every evaluator scores all heads of all layers at once (one forward pass per batch, head axes kept in the einsums)
 and returns float32 [n_layers, n_heads]. The randomised ones average over `eval_cfg.draws` draws of random tokens
@@ -69,7 +69,7 @@ def _prefix_matching(model, params, tokens_BT, first_query):
 
 
 def prefix_matching(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.ndarray:
-    """float32 [L, H] prefix-matching scores (DESIGN §1.4), averaged over `eval_cfg.draws` draws.
+    """float32 [L, H] prefix-matching scores (docs/method.md §4), averaged over `eval_cfg.draws` draws.
 
     Each draw is BOS followed by `prefix_tokens` (25) random tokens repeated `repeats` (4) times. For every query
     in repeats 2..4, the score is the attention mass on the positions right after earlier occurrences of the
@@ -156,7 +156,7 @@ def _copying(model, params, tokens_BT):
 
 
 def copying(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.ndarray:
-    """float32 [L, H] copying scores in [-1, 1] (DESIGN §1.4), averaged over `eval_cfg.draws` draws.
+    """float32 [L, H] copying scores in [-1, 1] (docs/method.md §4), averaged over `eval_cfg.draws` draws.
 
     Each draw is BOS followed by `prefix_tokens` (25) random tokens x_1..x_n. The paper omitted the BOS token here
     by mistake and says it should have been used; we use it, so that a head with nothing to do can rest on it
@@ -320,7 +320,7 @@ def _folded(params: dict, cfg: ModelConfig, layer: int, name: str) -> jax.Array:
 
 
 def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndarray:
-    """float32 [L, H]: the previous-token-weighted trace of the K-composition QK circuit (DESIGN §1.4).
+    """float32 [L, H]: the previous-token-weighted trace of the K-composition QK circuit (docs/method.md §4).
 
     For a head h in layer l >= 1 (0-based) and every head e in an earlier layer, with row-vector weights
     (q = x W_Q, o = x W_V W_O) the pure token-token K-composition term is the vocab x vocab matrix

@@ -69,7 +69,7 @@ def shard_batch(x: jax.Array) -> jax.Array:
     """Pins an activation's leading (batch) dimension to the mesh's BATCH_AXES, the rest unsharded.
 
     Without it, XLA's propagation may follow the FSDP-sharded weights and replicate activations across the fsdp
-    axis (DESIGN.md §5: 4.5x larger temporaries). A no-op without a mesh in context (`jax.set_mesh`), when the
+    axis (docs/method.md §7: 4.5x larger temporaries). A no-op without a mesh in context (`jax.set_mesh`), when the
     mesh lacks those axes, or when the batch does not divide over them (e.g. a small probe batch). Under
     `jax.vmap` the constraint applies per lane, leaving the mapped axis free.
     """

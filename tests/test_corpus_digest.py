@@ -1,0 +1,33 @@
+"""The demo's corpus (the standard library plus the locked venv's site-packages) is the same on every machine with
+the same Python version: its content digest matches the one recorded in configs/cpu/corpus-digests.json."""
+
+import json
+import platform
+from pathlib import Path
+
+import pytest
+
+from induction_jax import config, corpus, demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lock_mismatches_names_what_differs(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("numpy==0.0.1 \\\n    --hash=sha256:00\npytest==0.0.2 ; python_version < '3'\n")
+    found = demo.lock_mismatches(lock)
+    assert len(found) == 1 and found[0].startswith("numpy: installed ") and found[0].endswith("locked 0.0.1")
+
+
+def test_demo_corpus_matches_the_recorded_digest(monkeypatch):
+    key = f"python {platform.python_version()}"
+    record = json.loads((ROOT / demo.DIGESTS).read_text()).get(key)
+    if record is None:
+        pytest.skip(f"{demo.DIGESTS} records no digest for {key}")
+    monkeypatch.chdir(ROOT)
+    mismatches = demo.lock_mismatches()
+    if mismatches:
+        pytest.skip(f"not the environment of {demo.LOCK} (make test builds it): {mismatches[:3]}")
+    cfg = config.load(ROOT / "configs/cpu/attn_only_2l.yaml")
+    files = corpus.resolve(cfg.data)
+    assert corpus.read(files, cfg.data, progress=False).content_hash == record["content_sha256"]
