@@ -18,6 +18,7 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m induction_jax.demo
 
 test: $(BIN)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
