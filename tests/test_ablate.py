@@ -223,3 +223,15 @@ def test_shares_and_their_standard_errors():
     want = np.std(noisy[0] + share[0] * clean) / (np.sqrt(4000) * 0.6)
     assert 0.7 * want < se[0] < 1.3 * want and abs(share[0] - 0.5) < 4 * want
     assert np.isnan(ablate.shares(exact, -clean)[0]).all()  # no ICL to remove: no share
+
+
+def test_parse_heads_and_its_errors():
+    assert ablate.parse_heads("0.1, 1.3", 2, 4) == [(0, 1), (1, 3)]
+    for bad, why in [("1", "is not LAYER.HEAD"), ("a.b", "is not LAYER.HEAD"), ("2.0", "outside 2 layers"),
+                     ("0.4", "outside 2 layers x 4 heads"), ("-1.0", "outside")]:
+        try:
+            ablate.parse_heads(bad, 2, 4)
+        except config.UserError as e:
+            assert why in str(e) and bad in str(e), (bad, str(e))
+        else:
+            raise AssertionError(f"{bad!r} was accepted")

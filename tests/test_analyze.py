@@ -167,14 +167,24 @@ def test_export_refuses_what_transformer_lens_cannot_express(run_dir, tmp_path):
         Run.open(rd).export_transformer_lens(24, tmp_path / "x")
 
 
-def test_score_heads_matches_the_stored_scores(run_dir, tmp_path):
+def test_score_heads_gives_every_measure_from_the_snapshot(run_dir, tmp_path):
+    """Run.score_heads recomputes the stored measures from a snapshot; the previous-token score is checked
+    against attention patterns averaged by hand."""
+    from induction_jax import store
+
     rd = _copy(run_dir, tmp_path)
     analyze.analyze_run(rd, steps=[24], progress=False)
     run = Run.open(rd)
     fresh = run.score_heads(24)
-    _, stored, measures = run.head_scores()
-    for i, m in enumerate(measures):
-        np.testing.assert_allclose(fresh[m], stored[-1, ..., i], atol=1e-6)
+    assert tuple(fresh) == store.MEASURES
+    tokens = run.eval_set()[0][:64]
+    _, cap = run.model.apply({"params": run.params(24)}, tokens, capture=("patterns",))
+    pat = np.asarray(cap["patterns"], np.float64)  # [L, B, H, Q, K]
+    t = tokens.shape[1]
+    by_hand = pat[..., np.arange(1, t), np.arange(t - 1)].mean(axis=(1, 3))
+    np.testing.assert_allclose(fresh["previous_token"], by_hand, atol=1e-5)
+    np.testing.assert_allclose(fresh["ov_copying"], run.head_scores()[1][-1, ..., store.MEASURES.index("ov_copying")],
+                               atol=1e-6)
 
 
 def test_detect_window_ignores_an_early_transient():

@@ -1,11 +1,17 @@
 import json
+import subprocess
+import sys
 
 from induction_jax import demo
 
 
 def test_children_get_one_single_threaded_device():
-    env = demo.single_device_env()
-    assert env["JAX_NUM_CPU_DEVICES"] == "1" and "multi_thread_eigen=false" in env["XLA_FLAGS"]
+    """A child started with the demo's environment sees one CPU device, whatever the parent was given."""
+    env = dict(demo.single_device_env(), JAX_NUM_CPU_DEVICES="1")
+    env.pop("XLA_FLAGS_EXTRA", None)
+    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count(), jax.default_backend())"],
+                         env=env, capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out == ["1", "cpu"]
 
 
 def test_progress_readers_take_the_newest_records(tmp_path):
