@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 # Planning never runs anything on an accelerator; keeping jax's own backends to the CPU also stops libtpu from
-# probing for TPU chips this machine does not have.
+# probing for TPU chips the machine does not have.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
