@@ -101,11 +101,19 @@ def _from_library(text: str) -> bool:
     return any(f"{os.sep}{name}{os.sep}" in text for name in ("orbax", "tensorstore"))
 
 
+def _closed_loop_callback(exc, tb) -> bool:
+    # Tensorstore completes the reads a failed restore abandoned on a thread of its own and hands each result to
+    # an event loop Orbax has already closed; the RuntimeError comes from C, with no Python caller above it.
+    frames = traceback.extract_tb(tb)
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and bool(frames)
+            and frames[0].name == "call_soon_threadsafe")
+
+
 def _filtered_unraisable(previous):
     def hook(u) -> None:
         code = getattr(u.object, "cr_code", None) or getattr(u.object, "gi_code", None)
         where = (code.co_filename if code else "") + "".join(traceback.format_tb(u.exc_traceback))
-        if _from_library(where):
+        if _from_library(where) or _closed_loop_callback(u.exc_value, u.exc_traceback):
             _unraisable(u)
         else:
             previous(u)
