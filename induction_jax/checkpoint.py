@@ -322,6 +322,11 @@ class SnapshotReader:
         except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for damaged files
             raise SnapshotError(f"{path}: unreadable snapshot ({_first_line(e)})") from None
 
+    def shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{key path: shape} of the snapshot's arrays, read from its metadata alone."""
+        tree = self._single_device_abstract(self._committed(step))
+        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
     def _single_device_abstract(self, path: epath.Path) -> Any:
         try:
             with logs.diverted():

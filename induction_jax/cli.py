@@ -34,7 +34,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         # The file-system faults a user fixes outside the program; anything else is a bug and keeps its traceback.
         if e.errno not in _USER_FIXABLE:
             raise
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
+        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
 

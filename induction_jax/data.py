@@ -173,10 +173,11 @@ def prepare(cfg: Config, progress: bool = True) -> Prepared:
     fp = fingerprint(cfg, files, corpus.file_sha256(cfg.data.tokenizer) if user_tok else "")
     root = cache_root(cfg)
     final = root / fp
+    if root.is_dir():
+        remove_stale_builds(root)
     if (final / "metadata.json").is_file():
         return open_prepared(str(final))
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{fp}{_TMP_TAG}{_host()}-{os.getpid()}-", dir=root))
     try:
         _build(cfg, files, fp, user_tok, tmp, progress)

@@ -64,11 +64,13 @@ class RunLock:
             raise UserError(f"{run_dir}: cannot write to the run directory ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = self._holder(fd)
             os.close(fd)
             raise UserError(f"{run_dir}: in use by another trainer ({holder}); wait for it to finish or stop it, "
                             "or choose another --run-dir") from None
+        except OSError:
+            pass  # a file system without locks (some FUSE mounts): nothing to protect the run with, so go on
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self.fd = fd
@@ -160,19 +162,16 @@ def _check_snapshots_fit(run_dir: Path, cfg: Config) -> None:
     steps = checkpoint.committed_steps(run_dir / checkpoint.SNAPSHOTS_DIR)
     if not steps:
         return
-    path = run_dir / checkpoint.SNAPSHOTS_DIR / str(steps[-1])
+    reader = checkpoint.SnapshotReader(run_dir)
     try:
-        with logs.diverted():
-            saved = checkpoint.ocp.PyTreeCheckpointer().metadata(
-                checkpoint._absolute(path / checkpoint._PARAMS)).item_metadata.tree
-        saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    except Exception:  # noqa: BLE001 - an unreadable snapshot is the analysis' business, not this check's
-        return
+        saved = reader.shapes(steps[-1])
+    except checkpoint.SnapshotError:
+        return  # an unreadable snapshot is reported by the analysis, which skips it
     new = {jax.tree_util.keystr(k): tuple(v.shape)
            for k, v in jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(cfg.model))[0]}
     if new != saved:
-        raise UserError(f"{path}: this run's snapshots have other parameter shapes than the new config's model; "
-                        "config.yaml is unchanged; train the new model in another --run-dir")
+        raise UserError(f"{reader.path(steps[-1])}: this run's snapshots have other parameter shapes than the new "
+                        "config's model; config.yaml is unchanged; train the new model in another --run-dir")
 
 
 def _restore(resume: checkpoint.ResumeCheckpointer, step: int, trainer, run_dir: Path):
