@@ -258,12 +258,18 @@ def test_disk_full_is_one_line_naming_the_last_good_checkpoint(base, tmp_path, m
     assert "the disk is full" in str(err.value) and "last good snapshot is step 4;" in str(err.value)
 
 
-def test_torn_metrics_line_does_not_block_resume(trained, tmp_path):
+def test_torn_metrics_line_does_not_block_resume(trained, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     metrics = run_dir / "metrics.jsonl"
     text = metrics.read_text()
     metrics.write_text(text + text.splitlines()[-1][:25])  # a kill in the middle of a write
+    # The report plots the training loss: the torn line is named, not a JSONDecodeError.
+    with pytest.raises(SystemExit) as e:
+        cli.run(analyze.main, [str(run_dir), "--steps", "4", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {metrics}: line {len(text.splitlines()) + 1} is not JSON (torn by a killed trainer?); " \
+        "resuming the training drops it, or delete that line"
     train.train(config.load(run_dir / "config.yaml"), run_dir, progress=False)
     assert [json.loads(ln) for ln in metrics.read_text().splitlines()] == [json.loads(ln) for ln in
                                                                            text.splitlines()]
