@@ -9,13 +9,15 @@ reported by path and skipped.
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, cli, data, evaluate, heads
+from . import checkpoint, cli, data, evaluate, heads, logs
 from . import config as config_lib
 from . import model as model_lib
 from .config import Config, UserError
@@ -68,6 +70,42 @@ class RunContext:
         wanted = self.reader.steps() if steps is None else [s for s in self.reader.steps() if s in set(steps)]
         return [s for s in wanted if s not in done]
 
+    def check_steps(self, steps=None) -> None:
+        """Refuses a run with no committed snapshot, and asked-for steps that have none."""
+        committed = self.reader.steps()
+        if not committed:
+            raise UserError(f"{self.run_dir}: nothing committed yet (no snapshot); run analyze again once "
+                            "training has saved one")
+        missing = sorted(set(steps or ()) - set(committed))
+        if missing:
+            shown = committed if len(committed) <= 8 else committed[:3] + ["..."] + committed[-3:]
+            raise UserError(f"{self.run_dir}: no committed snapshot at step(s) {', '.join(map(str, missing))} "
+                            f"(committed: {', '.join(map(str, shown))})")
+
+
+def check_writable(directory: Path, hint: str = "") -> None:
+    """Fails in one line, before any work, when results could not be written to `directory`."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{directory}: cannot write analysis results ({e.strerror}){hint}") from None
+
+
+def _check_metrics(run_dir: Path) -> None:
+    """The report plots the training loss from metrics.jsonl; a line torn by a killed trainer (which the trainer
+    drops when it resumes) is named here rather than failing inside the report."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}: line {i} is not JSON (torn by a killed trainer?); resuming the training "
+                            "drops it, or delete that line") from None
+
 
 def head_scores(ctx: RunContext, params) -> np.ndarray:
     """[L, H, len(MEASURES)] for one snapshot; the random draws use the same seed at every snapshot."""
@@ -101,6 +139,8 @@ def analyze_snapshot(ctx: RunContext, step: int) -> None:
 
 def analyze_run(run_dir, out=None, steps=None, progress: bool = True) -> RunContext:
     ctx = RunContext(run_dir, out, progress)
+    ctx.check_steps(steps)
+    check_writable(ctx.store.dir.parent, "" if out else "; pass --out DIR to write them elsewhere")
     todo = ctx.pending_steps(SECTION, steps)
     for step in tqdm(todo, desc=f"analyze {ctx.run_dir.name}", unit="snapshot", disable=not progress):
         try:
@@ -123,12 +163,19 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    logs.divert()
     if args.export_tl is not None:
         from .run import Run
         for rd in args.run_dirs:
-            path = Run.open(rd).export_transformer_lens(args.export_tl, rd / "analysis" / f"tl_{args.export_tl}")
+            out = (args.out / rd.name if len(args.run_dirs) > 1 else args.out) if args.out else rd / "analysis"
+            run = Run.open(rd)
+            run._ctx.check_steps([args.export_tl])
+            check_writable(out, "" if args.out else "; pass --out DIR to write it elsewhere")
+            path = run.export_transformer_lens(args.export_tl, out / f"tl_{args.export_tl}")
             print(f"wrote {path}")
         return 0
+    if len(args.run_dirs) > 1 and not args.out and not args.no_report:
+        check_writable(args.run_dirs[0].parent / "analysis", "; pass --out DIR to write the joint report elsewhere")
     contexts = []
     for rd in args.run_dirs:
         out = args.out / rd.name if (args.out and len(args.run_dirs) > 1) else args.out
@@ -140,7 +187,11 @@ def main(argv=None) -> int:
     if len({c.eval_hash for c in contexts}) > 1:
         raise UserError("runs use different eval sets (data configs); a joint report needs the same one")
     if not args.no_report:
+        if not any(c.store.steps(SECTION) for c in contexts):
+            raise UserError(f"{', '.join(map(str, args.run_dirs))}: nothing analysed (every snapshot was skipped)")
         from . import report
+        for c in contexts:
+            _check_metrics(c.run_dir)
         out = report.write(contexts, args.out)
         print(f"report: {out}")
     return 0

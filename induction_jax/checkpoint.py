@@ -14,6 +14,7 @@ reader that lists steps the way Orbax does never sees a half-written one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -22,18 +23,23 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from . import logs
 from .config import UserError
 
 STATE_DIR = "state"
 SNAPSHOTS_DIR = "snapshots"
+LOCK_FILE = ".lock"  # held (flock) by the trainer of a run directory; see train.RunLock
 _STATE, _EXTRA = "state", "extra"
 _PARAMS, _META = "params", "meta"
 
 _sigterm = threading.Event()
+_stop_signal: list[int] = []  # the signal that set _sigterm, for the exit status
 
 
 class SnapshotError(UserError):
@@ -59,13 +65,81 @@ def install_sigterm_handler():
     sync point makes every host agree on the step, which a per-process flag cannot.
     """
     _sigterm.clear()
+    _stop_signal.clear()
     if jax.process_count() > 1:
         return signal.getsignal(signal.SIGTERM)
-    return signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm.set())
+    return signal.signal(signal.SIGTERM, _on_stop_signal)
+
+
+def install_stop_handlers() -> dict:
+    """SIGTERM as in `install_sigterm_handler`, and Ctrl-C (SIGINT) the same way: save, then stop. A second
+    Ctrl-C interrupts at once, for a user who will not wait for the save. Returns the previous handlers, for
+    `restore_handlers`."""
+    previous = {signal.SIGTERM: install_sigterm_handler()}
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_stop_signal)
+    return previous
+
+
+def restore_handlers(previous: dict) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _on_stop_signal(signum, frame):
+    if signum == signal.SIGINT and _sigterm.is_set():
+        raise KeyboardInterrupt
+    _stop_signal.append(signum)
+    _sigterm.set()
 
 
 def sigterm_received() -> bool:
     return _sigterm.is_set()
+
+
+def stop_signal() -> int | None:
+    """The signal (SIGTERM or SIGINT) that asked this run to stop, if any."""
+    return _stop_signal[0] if _stop_signal else None
+
+
+@jax.jit
+def _finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every float array of `tree` is free of NaN and infinity: one reduction on the devices, so call it
+    where a sync is due anyway (at a save)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return True
+    # The replicated scalar is addressable on every process, also when the params span several hosts.
+    return bool(np.asarray(_finite(leaves).addressable_data(0)))
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether `e` (or an exception it was raised from) is a full disk. Tensorstore reports it as a ValueError
+    naming the OS error code, not as an OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        text = str(e)
+        if "No space left on device" in text or f"os_error_code='{errno.ENOSPC}'" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def committed_steps(directory: str | epath.Path) -> list[int]:
+    """Steps Orbax has committed in a checkpoint directory, ascending: temporary directories of saves in progress
+    (or of crashed ones) never appear."""
+    directory = _absolute(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(m.step for m in ocp.step.standard_name_format().find_all(directory))
 
 
 def _path_name(path: tuple) -> str:
@@ -201,14 +275,15 @@ class SnapshotReader:
         if not self.run_dir.is_dir():
             raise RunDirError(f"{self.run_dir}: no such run directory")
         if not (self.run_dir / "config.yaml").exists() and not self.directory.is_dir():
+            if (self.run_dir / LOCK_FILE).exists():
+                raise RunDirError(f"{self.run_dir}: nothing committed yet (its trainer has not got past data "
+                                  "preparation); try again once it has saved a snapshot")
             raise RunDirError(f"{self.run_dir}: not a run directory (no config.yaml and no {SNAPSHOTS_DIR}/)")
 
     def steps(self) -> list[int]:
         """Steps of the committed snapshots, ascending. Orbax's own listing is used, so temporary directories of
         saves in progress (or of crashed ones) never appear."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(m.step for m in ocp.step.standard_name_format().find_all(self.directory))
+        return committed_steps(self.directory)
 
     def path(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -223,7 +298,9 @@ class SnapshotReader:
         """The snapshot's JSON metadata: step, tokens_seen, wall_time and whatever the writer added."""
         path = self._committed(step)
         try:
-            meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / _META, args=ocp.args.JsonRestore())
+            with logs.diverted():
+                meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / _META,
+                                                                             args=ocp.args.JsonRestore())
         except Exception as e:  # noqa: BLE001 - any failure to read means an unusable snapshot
             raise SnapshotError(f"{path}: unreadable snapshot metadata ({_first_line(e)})") from None
         if not isinstance(meta, dict) or meta.get("step") != step:
@@ -240,13 +317,20 @@ class SnapshotReader:
             abstract_params = self._single_device_abstract(path)
         args = _restore_args(abstract_params, str(path))
         try:
-            return ocp.PyTreeCheckpointer().restore(path / _PARAMS, args=args)
+            with logs.diverted():
+                return ocp.PyTreeCheckpointer().restore(path / _PARAMS, args=args)
         except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for damaged files
             raise SnapshotError(f"{path}: unreadable snapshot ({_first_line(e)})") from None
 
+    def shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{key path: shape} of the snapshot's arrays, read from its metadata alone."""
+        tree = self._single_device_abstract(self._committed(step))
+        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
     def _single_device_abstract(self, path: epath.Path) -> Any:
         try:
-            tree = ocp.PyTreeCheckpointer().metadata(path / _PARAMS).item_metadata.tree
+            with logs.diverted():
+                tree = ocp.PyTreeCheckpointer().metadata(path / _PARAMS).item_metadata.tree
         except Exception as e:  # noqa: BLE001
             raise SnapshotError(f"{path}: unreadable snapshot metadata ({_first_line(e)})") from None
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -253,6 +253,20 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("train.cooldown_steps", f"applies to the constant schedule, not to decay={t.decay!r}")
     if t.resume_every < 1:
         fail("train.resume_every", f"must be >= 1, got {t.resume_every}")
+    if t.log_every < 1:
+        fail("train.log_every", f"must be >= 1, got {t.log_every}")
+    if t.probe_every < 0:
+        fail("train.probe_every", f"must be >= 0 (0 = no probes), got {t.probe_every}")
+    if t.probe_every and t.probe_examples < 1:
+        fail("train.probe_examples", f"must be >= 1 while probes are on (train.probe_every={t.probe_every}), "
+             f"got {t.probe_examples}")
+    snap = cfg.snapshots
+    for key, val in [("snapshots.every", snap.every), ("snapshots.until", snap.until)]:
+        if val < 0:
+            fail(key, f"must be >= 0 (0 = off), got {val}")
+    negative = [s for s in snap.steps if s < 0]
+    if negative:
+        fail("snapshots.steps", f"steps must be >= 0, got {negative}")
     if not 0 < cfg.data.eval_fraction < 1:
         fail("data.eval_fraction", f"{cfg.data.eval_fraction} must be strictly between 0 and 1")
     if not cfg.data.sources:

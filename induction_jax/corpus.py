@@ -71,6 +71,7 @@ class Corpus:
     skipped_records: int  # JSONL lines that are not JSON objects with a string `text_field`
     empty: int
     content_hash: str
+    skipped_by_file: dict[str, int] = field(default_factory=dict)  # the skipped JSONL lines of each file
 
 
 def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> Iterator[Path]:
@@ -155,6 +156,7 @@ def read(files: list[SourceFile], cfg: DataConfig, progress: bool = True) -> Cor
     """Decodes every file, splits documents by name, and hashes the content in a fixed order."""
     train, held = Documents(), Documents()
     binary = undecodable = bad_records = empty = used_files = 0
+    bad_by_file: dict[str, int] = {}
     per_source: dict[str, int] = {f.source: 0 for f in files}
     content = hashlib.sha256()
     for f in tqdm(files, desc="reading sources", unit="file", disable=not progress):
@@ -172,6 +174,8 @@ def read(files: list[SourceFile], cfg: DataConfig, progress: bool = True) -> Cor
             # Records split one by one: a single JSONL file may hold the whole corpus.
             docs, bad = _jsonl_records(f, text, cfg.text_field)
             bad_records += bad
+            if bad:
+                bad_by_file[f.name] = bad
         else:
             docs = [(f.name, text)]
         took = False
@@ -193,7 +197,8 @@ def read(files: list[SourceFile], cfg: DataConfig, progress: bool = True) -> Cor
         raise ConfigError(f"data.sources: {', '.join(cfg.sources)}: the {which} split is empty "
                           f"({len(train.texts) + len(held.texts)} documents, data.eval_fraction="
                           f"{cfg.eval_fraction}); add files or change data.eval_fraction")
-    return Corpus(train, held, used_files, binary, undecodable, bad_records, empty, content.hexdigest())
+    return Corpus(train, held, used_files, binary, undecodable, bad_records, empty, content.hexdigest(),
+                  bad_by_file)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, progress: bool = True) -> Tokenizer:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -128,6 +129,40 @@ def _encode(tok: Tokenizer, texts: list[str], eod_id: int, desc: str, progress: 
     return np.concatenate(parts)
 
 
+_TMP_TAG = ".tmp-"  # build directories: .<fingerprint>.tmp-<host>-<pid>-<random>
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_builds(root: Path) -> list[Path]:
+    """Deletes the build directories of killed prepares: those made on this host by a PID that is gone. A live
+    prepare's directory (this host's, or any other host's sharing the cache) is left alone."""
+    removed = []
+    for d in root.glob(f".*{_TMP_TAG}*"):
+        try:
+            host_pid, _ = d.name.split(_TMP_TAG, 1)[1].rsplit("-", 1)
+            host, pid = host_pid.rsplit("-", 1)
+            pid = int(pid)
+        except ValueError:
+            continue  # not named by this code: not ours to judge
+        if host == _host() and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def prepare(cfg: Config, progress: bool = True) -> Prepared:
     """Builds (or finds) the prepared data for `cfg`; a second call with the same inputs only checks the cache."""
     corpus.check_vocab(cfg.model.vocab_size)
@@ -138,10 +173,12 @@ def prepare(cfg: Config, progress: bool = True) -> Prepared:
     fp = fingerprint(cfg, files, corpus.file_sha256(cfg.data.tokenizer) if user_tok else "")
     root = cache_root(cfg)
     final = root / fp
+    if root.is_dir():
+        remove_stale_builds(root)
     if (final / "metadata.json").is_file():
         return open_prepared(str(final))
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}{_TMP_TAG}{_host()}-{os.getpid()}-", dir=root))
     try:
         _build(cfg, files, fp, user_tok, tmp, progress)
         try:
@@ -157,6 +194,11 @@ def prepare(cfg: Config, progress: bool = True) -> Prepared:
 def _build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Tokenizer | None, out: Path,
            progress: bool) -> None:
     docs = corpus.read(files, cfg.data, progress)
+    if docs.skipped_records:
+        worst = sorted(docs.skipped_by_file.items(), key=lambda kv: -kv[1])
+        where = ", ".join(f"{name}: {n}" for name, n in worst[:3]) + (", ..." if len(worst) > 3 else "")
+        print(f"warning: data.sources: skipped {docs.skipped_records} JSONL line(s) that are not JSON objects with "
+              f"a string {cfg.data.text_field!r} field ({where})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     tok = user_tok or corpus.train_tokenizer(docs.train.texts, cfg.model.vocab_size, progress)
     tok_seconds = time.perf_counter() - t0
@@ -348,6 +390,8 @@ def summary(p: Prepared) -> str:
     f, t, b, k = m["files"], m["tokens"], m["bytes"], m["tokenizer"]
     skipped = (f"{f['skipped_binary']} binary, {f['skipped_undecodable']} undecodable, "
                f"{f['empty_documents']} empty")
+    if f.get("skipped_jsonl_records"):
+        skipped += f", {f['skipped_jsonl_records']} JSONL lines without a string text field"
     return "\n".join([
         f"prepared data: {p.path}",
         f"python {m['python_version']}; sources {', '.join(m['sources'])}; "

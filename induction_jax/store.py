@@ -33,8 +33,8 @@ class Store:
     """Results of one run under `root/<key>/`. Sections ("eval", "ablation-pattern", ...) are separate indices."""
 
     def __init__(self, root: str | Path, key: str):
+        # Created by the first write, not here: reading a run's results must work on a read-only run directory.
         self.dir = Path(root) / key
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.key = key
 
     # -- index -------------------------------------------------------------------------------------------
@@ -74,6 +74,7 @@ class Store:
 
     def write(self, section: str, step: int, record: dict, arrays: dict[str, np.ndarray]) -> None:
         """Writes one snapshot's arrays into the next free slot (or its existing one), then commits the index."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         idx = self.index(section)
         slot = idx["steps"].index(step) if step in idx["steps"] else len(idx["steps"])
         for name, value in arrays.items():

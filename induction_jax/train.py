@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
 import json
 import math
 import os
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, cli, data, evaluate, heads, peak, schedule, sharding, step as step_lib
+from . import checkpoint, cli, data, evaluate, heads, logs, peak, schedule, sharding, step as step_lib
 from . import config as config_lib
 from . import model as model_lib
 from .config import Config, UserError
@@ -31,10 +34,61 @@ DEFAULT_CONFIG = "configs/cpu/attn_only_2l.yaml"
 SYNC_TIMEOUT_S = 600  # barriers between steps of the same run: every process is alive and doing the same work
 # Process 0 builds the token store (tokenizer training included) while the others wait: allow for a big corpus.
 PREPARE_TIMEOUT_S = float(os.environ.get("INDUCTION_JAX_PREPARE_TIMEOUT", 6 * 3600))
+LOG_FILE = "train.log"  # what Orbax and friends log, kept out of the terminal (logs.py)
+# Files a trainer may leave in a run directory before its first save.
+_EARLY_FILES = ("config.yaml", checkpoint.LOCK_FILE, LOG_FILE)
 
 
 class DivergedError(UserError):
-    """The loss became NaN or infinite."""
+    """The loss, the gradient norm or the parameters became NaN or infinite."""
+
+
+class DiskFullError(UserError):
+    """A save or a metrics write found the disk full."""
+
+
+class RunLock:
+    """An exclusive flock on RUN_DIR/.lock, held for the whole run, so that two trainers never write the same run.
+
+    The kernel drops the lock when its holder dies, however it dies: a stale lock file never blocks a rerun. The
+    file holds the holder's PID and host, for the refusal message.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / checkpoint.LOCK_FILE
+        self.fd = None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot write to the run directory ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise UserError(f"{run_dir}: in use by another trainer ({holder}); wait for it to finish or stop it, "
+                            "or choose another --run-dir") from None
+        except OSError:
+            pass  # a file system without locks (some FUSE mounts): nothing to protect the run with, so go on
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self.fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        # The holder writes its PID just after it takes the lock: give it a moment.
+        for _ in range(20):
+            text = os.pread(fd, 200, 0).decode(errors="replace").split()
+            if text:
+                return f"pid {text[0]}" + (f" on {text[1]}" if len(text) > 1 else "")
+            time.sleep(0.05)
+        return "a process that has not written its pid yet"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
 
 
 class Prober:
@@ -71,12 +125,21 @@ def check_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
     """
     _validate_run_dir(run_dir, cfg, override)
     sharding.barrier(f"run directory {run_dir} checked", SYNC_TIMEOUT_S)
-    if sharding.is_main_process():
-        saved = run_dir / "config.yaml"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_text(config_lib.to_yaml(cfg))
-        tmp.replace(saved)
+    record_config(run_dir, cfg)
+
+
+def record_config(run_dir: Path, cfg: Config) -> None:
+    """Process 0 writes config.yaml atomically (a reader sees the old file or the new one, whole)."""
+    if not sharding.is_main_process():
+        return
+    saved = run_dir / "config.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_name(f".config.yaml.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(config_lib.to_yaml(cfg))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(saved)
 
 
 def _validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
@@ -88,9 +151,53 @@ def _validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
             raise config_lib.ConfigError(
                 f"{saved}: this run was made with a different config ({'; '.join(changed)}); "
                 "pass --override-config to continue with the new one")
-    elif run_dir.exists() and any(p.name not in ("config.yaml",) for p in run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name not in _EARLY_FILES for p in run_dir.iterdir()):
         if not (run_dir / "snapshots").exists() and not (run_dir / "state").exists():
             raise UserError(f"{run_dir}: exists and is not a run directory (no config.yaml); choose another")
+
+
+def _check_snapshots_fit(run_dir: Path, cfg: Config) -> None:
+    """With --override-config and no resume state to restore, the new model must still have the shapes of the
+    run's snapshots: config.yaml describes them to every reader, and they are never rewritten."""
+    steps = checkpoint.committed_steps(run_dir / checkpoint.SNAPSHOTS_DIR)
+    if not steps:
+        return
+    reader = checkpoint.SnapshotReader(run_dir)
+    try:
+        saved = reader.shapes(steps[-1])
+    except checkpoint.SnapshotError:
+        return  # an unreadable snapshot is reported by the analysis, which skips it
+    new = {jax.tree_util.keystr(k): tuple(v.shape)
+           for k, v in jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(cfg.model))[0]}
+    if new != saved:
+        raise UserError(f"{reader.path(steps[-1])}: this run's snapshots have other parameter shapes than the new "
+                        "config's model; config.yaml is unchanged; train the new model in another --run-dir")
+
+
+def _restore(resume: checkpoint.ResumeCheckpointer, step: int, trainer, run_dir: Path):
+    """The resume state, checked: one that does not fit the config (after --override-config) or holds NaN is
+    refused in one line, before config.yaml is touched."""
+    path = run_dir / checkpoint.STATE_DIR / str(step)
+    try:
+        with logs.diverted():
+            state, extra = resume.restore(step, trainer.abstract_state)
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a mismatched or damaged state
+        raise UserError(f"{path}: cannot restore the resume state with this config "
+                        f"({checkpoint._first_line(e)}); config.yaml is unchanged") from None
+    if not checkpoint.all_finite(state):
+        raise DivergedError(f"{path}: the resume state holds NaN or infinite values; delete that directory to "
+                            "resume from an earlier one")
+    return state, extra
+
+
+def _last_good(run_dir: Path) -> str:
+    """What a rerun starts from, from the directories themselves (pending saves already waited for)."""
+    snaps = checkpoint.committed_steps(run_dir / checkpoint.SNAPSHOTS_DIR)
+    states = checkpoint.committed_steps(run_dir / checkpoint.STATE_DIR)
+    snap = f"the last good snapshot is step {snaps[-1]}" if snaps else "no snapshot is saved"
+    state = (f"the last good resume checkpoint is step {states[-1]}, where a rerun resumes" if states
+             else "no resume checkpoint is saved, so a rerun starts from step 0")
+    return f"{snap}; {state}"
 
 
 def prepare_data(cfg: Config, progress: bool):
@@ -104,6 +211,16 @@ def prepare_data(cfg: Config, progress: bool):
     return prepared
 
 
+def _record(line: str) -> dict:
+    """A metrics line as a dict; a blank or torn one (a kill in the middle of a write) sorts past every step, so
+    that it is dropped."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return {"step": math.inf}
+    return rec if isinstance(rec, dict) else {"step": math.inf}
+
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard, written by process 0; a resumed run drops lines past its restored step."""
 
@@ -114,8 +231,7 @@ class MetricsLog:
         if not self.enabled:
             return
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= start_step]
+            keep = [ln for ln in self.path.read_text().splitlines() if _record(ln).get("step", 0) <= start_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
@@ -137,28 +253,52 @@ class MetricsLog:
 
 
 def train(cfg: Config, run_dir: Path, *, override_config: bool = False, progress: bool = True) -> dict:
-    """Trains (or resumes) the run in `run_dir`; returns a summary dict (final step, loss, preempted...)."""
-    check_run_dir(run_dir, cfg, override_config)
+    """Trains (or resumes) the run in `run_dir`; returns a summary dict (final step, loss, preempted...).
+
+    config.yaml is written only once the data is prepared and the run's state restored under the new config, so
+    a failed start (bad corpus, an --override-config the saved state cannot take) leaves the run as it was.
+    """
+    _validate_run_dir(run_dir, cfg, override_config)  # before the lock creates anything in a foreign directory
+    # Process 0 stands for the job: with several hosts the run directory may be a bucket, where flock means
+    # nothing, and the other processes follow process 0's barriers anyway.
+    lock = RunLock(run_dir) if sharding.is_main_process() else None
+    try:
+        _validate_run_dir(run_dir, cfg, override_config)  # again: another trainer may have changed it meanwhile
+        sharding.barrier(f"run directory {run_dir} checked", SYNC_TIMEOUT_S)
+        return _train(cfg, run_dir, override_config, progress)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) -> dict:
     prepared = prepare_data(cfg, progress)
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
+    loader = data.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
+    prober = Prober(cfg, prepared, mesh) if cfg.train.probe_every else None
     resume = checkpoint.ResumeCheckpointer(run_dir / "state")
+    start = resume.latest_step()
+    try:
+        if start is not None:
+            state, extra = _restore(resume, start, trainer, run_dir)
+        elif override_config:
+            _check_snapshots_fit(run_dir, cfg)
+    except BaseException:
+        resume.close()
+        raise
+    record_config(run_dir, cfg)
     snaps = checkpoint.SnapshotWriter(run_dir / "snapshots")
-    checkpoint.install_sigterm_handler()
     total = cfg.train.steps
     snapshot_at = set(schedule.snapshot_steps(cfg.snapshots, total))
 
-    start = resume.latest_step()
     if start is not None:
-        state, extra = resume.restore(start, trainer.abstract_state)
         wall_offset = float(extra.get("wall_time", 0.0))
         if sharding.is_main_process():
             print(f"resumed from step {start}", flush=True)
     else:
         start, wall_offset = 0, 0.0
         state = trainer.init_fn(jax.random.key(cfg.train.seed))
-    loader = data.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
-    prober = Prober(cfg, prepared, mesh) if cfg.train.probe_every else None
     log = MetricsLog(run_dir, start)
     flops_tok = step_lib.flops_per_token(cfg)
     peak_flops, _ = peak.device_peak(cfg.model.dtype)
@@ -170,8 +310,13 @@ def train(cfg: Config, run_dir: Path, *, override_config: bool = False, progress
     def meta(at: int) -> dict:
         return {"step": at, "tokens_seen": at * trainer.tokens_per_step, "wall_time": wall()}
 
-    if start == 0 and 0 in snapshot_at:
-        snaps.save(0, state["params"], meta(0))
+    def diverged(what: str, at: int) -> DivergedError:
+        # Saves still in flight are of earlier, checked steps: wait for them, so that the message lists what is
+        # on disk rather than what had been committed by the time of the check.
+        snaps.wait()
+        resume.wait()
+        return DivergedError(f"{run_dir}: {what} at step {at}, which was not saved; {_last_good(run_dir)} "
+                             "(lower train.lr, or raise train.warmup_steps, and rerun with --override-config)")
 
     bar = tqdm(total=total, initial=start, disable=not (progress and sharding.is_main_process()),
                unit="step", dynamic_ncols=True)
@@ -188,24 +333,30 @@ def train(cfg: Config, run_dir: Path, *, override_config: bool = False, progress
         at, m = pending
         pending = None
         m = jax.device_get(m)
-        loss = float(m["loss"])
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
         if not math.isfinite(loss):
-            raise DivergedError(f"{run_dir}: loss became {loss} at step {at}; the last good snapshot is kept "
-                                f"(committed steps: {checkpoint.SnapshotReader(run_dir).steps()[-3:]})")
+            raise diverged(f"loss became {loss}", at)
+        # A finite loss with a NaN gradient still leaves NaN parameters after this step's update.
+        if not math.isfinite(grad_norm):
+            raise diverged(f"gradient norm became {grad_norm}", at)
         last_loss = loss
         if at % cfg.train.log_every == 0 or at == total:
             now = time.perf_counter()
             recent.append((at, now))
             steps_done, dt = at - recent[0][0], now - recent[0][1]
             tps = steps_done * trainer.tokens_per_step / dt if dt > 0 and steps_done > 0 else float("nan")
-            log.write({"step": at, "loss": loss, "grad_norm": float(m["grad_norm"]),
+            log.write({"step": at, "loss": loss, "grad_norm": grad_norm,
                        "lr": float(trainer.lr(at - 1)), "tokens_seen": at * trainer.tokens_per_step,
                        "tokens_per_s": tps, "mfu": tps * flops_tok / peak_total, "wall_time": wall()})
             postfix["loss"] = f"{loss:.3f}"
             postfix["tok/s"] = f"{tps:,.0f}"
             bar.set_postfix(postfix, refresh=False)
 
+    handlers = checkpoint.install_stop_handlers()
+    error: BaseException | None = None
     try:
+        if start == 0 and 0 in snapshot_at:
+            snaps.save(0, state["params"], meta(0))
         # The mesh in context switches on the model's activation constraints (model.shard_batch).
         with jax.set_mesh(mesh):
             for s in range(start, total):
@@ -219,6 +370,9 @@ def train(cfg: Config, run_dir: Path, *, override_config: bool = False, progress
                 is_resume = done % cfg.train.resume_every == 0 or done == total or preempted
                 if is_snap or is_resume:
                     flush()
+                    # Only here, where a sync is due anyway: nothing non-finite is ever committed.
+                    if not checkpoint.all_finite(state if is_resume else state["params"]):
+                        raise diverged("the parameters or optimizer state became NaN or infinite", done)
                 if is_snap:
                     snaps.save(done, state["params"], meta(done))
                 if is_resume:
@@ -235,18 +389,27 @@ def train(cfg: Config, run_dir: Path, *, override_config: bool = False, progress
                 if preempted:
                     break
             flush()
+    except BaseException as e:  # noqa: BLE001 - re-raised below, once every writer is shut down
+        error = e
     finally:
-        bar.close()
-        snaps.wait()
-        resume.wait()
-        snaps.close()
-        resume.close()
-        log.close()
+        checkpoint.restore_handlers(handlers)
+        # Every writer is closed even when another failed: a thread left running would print its own traceback
+        # at interpreter exit.
+        for close in (bar.close, snaps.wait, resume.wait, snaps.close, resume.close, log.close):
+            try:
+                close()
+            except BaseException as e:  # noqa: BLE001
+                error = error or e
+    if error is not None:
+        if isinstance(error, UserError) or not checkpoint.disk_full(error):
+            raise error
+        raise DiskFullError(f"{run_dir}: the disk is full (No space left on device); {_last_good(run_dir)} "
+                            "once space is freed") from error
     final = int(jax.device_get(state["step"]))
     # Process 0 hosts the coordination service: no process leaves while another is still finishing its saves.
     sharding.barrier(f"end of training at step {final}", SYNC_TIMEOUT_S)
     return {"run_dir": str(run_dir), "step": final, "loss": last_loss, "preempted": preempted,
-            "wall_time": wall()}
+            "signal": checkpoint.stop_signal(), "wall_time": wall()}
 
 
 def main(argv=None) -> int:
@@ -267,11 +430,15 @@ def main(argv=None) -> int:
     run_dir = args.run_dir or default_run_dir(args.config)
     if sharding.is_main_process():
         print(f"run directory: {run_dir}", flush=True)
+    logs.set_path(run_dir / LOG_FILE)
+    logs.divert()
     out = train(cfg, run_dir, override_config=args.override_config, progress=not args.no_progress)
+    interrupted = out["signal"] == signal.SIGINT
     if sharding.is_main_process():
-        what = "preempted; saved at" if out["preempted"] else "finished at"
+        what = ("interrupted; saved at" if interrupted else "preempted; saved at") if out["preempted"] \
+            else "finished at"
         print(f"{what} step {out['step']} (loss {out['loss']:.4f}) in {run_dir}", flush=True)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
