@@ -9,7 +9,6 @@ reported by path and skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -91,20 +90,6 @@ def check_writable(directory: Path, hint: str = "") -> None:
             pass
     except OSError as e:
         raise UserError(f"{directory}: cannot write analysis results ({e.strerror}){hint}") from None
-
-
-def _check_metrics(run_dir: Path) -> None:
-    """The report plots the training loss from metrics.jsonl; a line torn by a killed trainer (which the trainer
-    drops when it resumes) is named here rather than failing inside the report."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            json.loads(line)
-        except ValueError:
-            raise UserError(f"{path}: line {i} is not JSON (torn by a killed trainer?); resuming the training "
-                            "drops it, or delete that line") from None
 
 
 def head_scores(ctx: RunContext, params) -> np.ndarray:
@@ -190,8 +175,6 @@ def main(argv=None) -> int:
         if not any(c.store.steps(SECTION) for c in contexts):
             raise UserError(f"{', '.join(map(str, args.run_dirs))}: nothing analysed (every snapshot was skipped)")
         from . import report
-        for c in contexts:
-            _check_metrics(c.run_dir)
         out = report.write(contexts, args.out)
         print(f"report: {out}")
     return 0

@@ -40,18 +40,23 @@ def lock_mismatches(lock: str | Path = LOCK) -> list[str]:
     from importlib import metadata
 
     from packaging.markers import Marker
-    out = []
+    out, locked = [], {"pip", "setuptools", "induction-jax"}  # the venv's own tools, and this package
     for line in Path(lock).read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line)
         if not m or (m[3] and not Marker(m[3]).evaluate()):
             continue
+        locked.add(re.sub(r"[-_.]+", "-", m[1]).lower())
         try:
             have = metadata.version(m[1])
         except metadata.PackageNotFoundError:
             have = "none"
         if have != m[2]:
             out.append(f"{m[1]}: installed {have}, locked {m[2]}")
-    return out
+    for dist in metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
+        if name and name not in locked:
+            out.append(f"{name}: installed {dist.version}, not in the lock")
+    return sorted(set(out))
 
 
 def corpus_digest_note(prepared) -> str:

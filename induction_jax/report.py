@@ -50,7 +50,10 @@ def training_loss(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = run_dir / "metrics.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:  # the line a running (or killed) trainer is writing; resuming drops it
+                continue
             if "loss" in rec:
                 tok.append(rec["tokens_seen"])
                 loss.append(rec["loss"])

@@ -219,7 +219,8 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     assert ev["step"] == 24 and set(ev["paths"]) == set(ablate.PATHS) and len(ev["undone"]) == n_heads
     total, direct = ev["paths"]["total"], ev["paths"]["direct"]
     last_layer = slice((cfg.n_layers - 1) * cfg.n_heads, n_heads)  # attention-only: direct == total there
-    np.testing.assert_allclose(direct["share"][last_layer], total["share"][last_layer], rtol=1e-4, atol=1e-6)
+    # float32 sums in another order: shares agree to a few parts in 10^5 of the ICL score
+    np.testing.assert_allclose(direct["share"][last_layer], total["share"][last_layer], atol=1e-4)
     share, _ = ablate.shares(ctx.store.read("ablation-pattern", "delta_icl_window", 24),
                              ctx.store.read("ablation-pattern", "icl_window", 24))
     np.testing.assert_allclose(total["share"], share[:n_heads])

@@ -264,12 +264,9 @@ def test_torn_metrics_line_does_not_block_resume(trained, tmp_path, capsys):
     metrics = run_dir / "metrics.jsonl"
     text = metrics.read_text()
     metrics.write_text(text + text.splitlines()[-1][:25])  # a kill in the middle of a write
-    # The report plots the training loss: the torn line is named, not a JSONDecodeError.
-    with pytest.raises(SystemExit) as e:
-        cli.run(analyze.main, [str(run_dir), "--steps", "4", "--out", str(tmp_path / "out"), "--no-progress"])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == f"error: {metrics}: line {len(text.splitlines()) + 1} is not JSON (torn by a killed trainer?); " \
-        "resuming the training drops it, or delete that line"
+    # The report plots the training loss without the torn line (a trainer may be writing it right now).
+    assert analyze.main([str(run_dir), "--steps", "4", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "report.md").exists()
     train.train(config.load(run_dir / "config.yaml"), run_dir, progress=False)
     assert [json.loads(ln) for ln in metrics.read_text().splitlines()] == [json.loads(ln) for ln in
                                                                            text.splitlines()]
