@@ -21,3 +21,12 @@ def tiny_overrides(root: Path) -> list[str]:
     corpus = make_corpus(root)
     return [f"data.sources=[{corpus}]", f"data.cache_dir={root / 'cache'}", "data.site_packages=false",
             "data.eval_fraction=0.15"]
+
+
+def prepared_tiny(root: Path) -> tuple[Path, list[str]]:
+    """(root, overrides) with configs/cpu/tiny.yaml's data already prepared, so subprocesses find it cached."""
+    from induction_jax import config, data
+
+    overrides = tiny_overrides(root)
+    data.prepare(config.load("configs/cpu/tiny.yaml", overrides), progress=False)
+    return root, overrides

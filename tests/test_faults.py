@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from corpus import make_corpus, tiny_overrides
+from corpus import make_corpus, prepared_tiny
 from induction_jax import Run, analyze, checkpoint, cli, config, data, train
 
 TINY = "configs/cpu/tiny.yaml"
@@ -27,10 +27,7 @@ QUIET = ["train.probe_every=0"]
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    overrides = tiny_overrides(root)
-    data.prepare(config.load(TINY, overrides), progress=False)
-    return root, overrides
+    return prepared_tiny(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from corpus import tiny_overrides
+from corpus import prepared_tiny
 from induction_jax import checkpoint, config, train
 
 TINY = "configs/cpu/tiny.yaml"
@@ -17,12 +17,7 @@ TINY = "configs/cpu/tiny.yaml"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    overrides = tiny_overrides(root)
-    # Prepare once so every subprocess below finds the data cached.
-    from induction_jax import data
-    data.prepare(config.load(TINY, overrides), progress=False)
-    return root, overrides
+    return prepared_tiny(tmp_path_factory.mktemp("train"))
 
 
 def _cmd(run_dir, overrides, extra=()):
