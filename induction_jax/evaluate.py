@@ -95,11 +95,6 @@ def loss_by_index(losses_NL) -> np.ndarray:
     return np.asarray(losses_NL, np.float32).mean(axis=0)
 
 
-def random_token_indices(n_examples: int, length: int, seed: int = 0) -> np.ndarray:
-    """int32 [N]: one token index in 1..length-1 per example, fixed by `seed` (view (b)'s positions)."""
-    return np.random.default_rng(seed).integers(1, length, size=n_examples).astype(np.int32)
-
-
 def random_token_view(losses_NL, random_index_N) -> np.ndarray:
     """float32 [N]: view (b), each example's loss at its own fixed random token index."""
     losses_NL = np.asarray(losses_NL, np.float32)
