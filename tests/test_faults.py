@@ -25,6 +25,16 @@ TINY = "configs/cpu/tiny.yaml"
 QUIET = ["train.probe_every=0"]
 
 
+
+def _wait_until_training(proc, run_dir, timeout: float = 120.0) -> None:
+    """Returns once the trainer has logged a few steps (or has exited, or the timeout passed)."""
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") > 3:
+            return
+        time.sleep(0.05)
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return prepared_tiny(tmp_path_factory.mktemp("faults"))
@@ -149,12 +159,7 @@ def test_a_second_trainer_is_refused_naming_the_first(base, tmp_path):
     first = subprocess.Popen(_train_cmd(run_dir, ov, long), env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        metrics = run_dir / "metrics.jsonl"
-        while time.time() < deadline and first.poll() is None:
-            if metrics.exists() and metrics.read_text().count("\n") > 3:
-                break
-            time.sleep(0.05)
+        _wait_until_training(first, run_dir)
         assert first.poll() is None, first.stderr.read()[-3000:]
         second = _run(_train_cmd(run_dir, ov, long), timeout=60)
         _one_line_error(second, f"in use by another trainer (pid {first.pid}")
@@ -162,7 +167,7 @@ def test_a_second_trainer_is_refused_naming_the_first(base, tmp_path):
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-3000:]
-    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
+    steps = [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "two trainers wrote the same metrics"
 
 
@@ -286,12 +291,7 @@ def test_ctrl_c_saves_and_exits_130_quietly(base, tmp_path):
     run_dir = tmp_path / "int"
     p = subprocess.Popen(_train_cmd(run_dir, ov, QUIET + ["train.steps=100000", "train.resume_every=100000"]),
                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and p.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") > 3:
-            break
-        time.sleep(0.05)
+    _wait_until_training(p, run_dir)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-3000:]
