@@ -20,6 +20,8 @@ POSITIONS = ("shortformer", "learned", "rotary", "none")
 COPYING_MEASURES = ("ov", "evaluator")  # eval.copying_measure: heads.ov_copying or heads.copying
 POS_TABLES = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("fused", "explicit")  # model.attention (induction_jax/attention.py)
+REMAT = ("none", "block", "dots")  # model.remat: recompute nothing, each whole block, or all but its matmuls
 
 
 class UserError(ValueError):
@@ -50,6 +52,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     head_dim: int = 0  # 0 = d_model // n_heads; larger gives each head's OV circuit more rank than d_model allows
+    # The training loss's attention: fused (no T x T patterns kept; induction_jax/attention.py) or explicit.
+    # Everything that reads patterns (analysis, ablations, captures, probes) runs the explicit path either way.
+    attention: str = "fused"
+    attention_block: int = 128  # query block of the CPU fused kernel (causal blocks skip the keys after them)
+    remat: str = "none"
 
     @property
     def d_head(self) -> int:
@@ -224,6 +231,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("model.vocab_size", f"{m.vocab_size} exceeds {MAX_VOCAB} (tokens are stored as uint16)")
     if m.positions not in POSITIONS:
         fail("model.positions", f"{m.positions!r} is not one of {', '.join(POSITIONS)}")
+    if m.attention not in ATTENTION:
+        fail("model.attention", f"{m.attention!r} is not one of {', '.join(ATTENTION)}")
+    if m.remat not in REMAT:
+        fail("model.remat", f"{m.remat!r} is not one of {', '.join(REMAT)}")
+    if m.attention_block < 1:
+        fail("model.attention_block", f"{m.attention_block} must be >= 1")
     if m.pos_table not in POS_TABLES:
         fail("model.pos_table", f"{m.pos_table!r} is not one of {', '.join(POS_TABLES)}")
     for key, val in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:

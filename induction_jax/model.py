@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import attention
 from .config import ModelConfig
 
 CAPTURES = ("patterns", "head_results", "resid", "ln_scales")
@@ -52,17 +53,9 @@ def rotate(x_BHTd: jax.Array) -> jax.Array:
     return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x_BHTd.dtype)
 
 
-def attention_mask(cfg: ModelConfig, t: int) -> jax.Array:
-    """[H, Q, K] boolean: causal for dense heads, causal and within the window for the last `local_heads`.
-
-    Computed from iotas inside the traced function, so XLA fuses it into the masking instead of embedding an
-    H x T x T constant in every layer's program (at context 8192 that is 64M entries per head, per layer).
-    """
-    q, k = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    causal = k <= q
-    local = causal & (q - k < cfg.local_window)
-    is_local = jnp.asarray(np.arange(cfg.n_heads) >= cfg.n_heads - cfg.local_heads)
-    return jnp.where(is_local[:, None, None], local[None], causal[None])
+def head_windows(cfg: ModelConfig, t: int) -> tuple[int, ...]:
+    """Each head's attention window: dense heads see all t keys, the last `local_heads` see `local_window`."""
+    return tuple(cfg.local_window if h >= cfg.n_heads - cfg.local_heads else t for h in range(cfg.n_heads))
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
@@ -110,7 +103,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool):
+    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool, fused: bool = False):
+        """(output [B, T, D], pattern [B, H, Q, K] (None from the fused path), head results or None)."""
         cfg = self.cfg
         d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
         cdt = _dtype(cfg.dtype)
@@ -127,6 +121,8 @@ class Attention(nn.Module):
         # Heads-major [B, H, T, d] layout: scores and the weighted sum are plain batched matmuls, which XLA's CPU
         # backend runs ~3x faster than the same contractions with the head axis in the middle.
         v_BHTd = jnp.einsum("btd,dhe->bhte", x_BTD, w_v)
+        windows = head_windows(cfg, x_BTD.shape[1])
+        q_BHTd = k_BHTd = None  # a given pattern needs neither
         if pattern_BHQK is None:
             q_BHTd = jnp.einsum("btd,dhe->bhte", qk_in_BTD, w_q)
             k_BHTd = jnp.einsum("btd,dhe->bhte", qk_in_BTD, w_k)
@@ -137,11 +133,12 @@ class Attention(nn.Module):
                 # j = 0 has no predecessor: pairing it with itself leaves it unmixed.
                 prev_BHTd = jnp.concatenate([k_BHTd[:, :, :1], k_BHTd[:, :, :-1]], axis=2)
                 k_BHTd = s * k_BHTd + (1 - s) * prev_BHTd
-            scores_BHQK = jnp.einsum("bhqe,bhke->bhqk", q_BHTd, k_BHTd).astype(jnp.float32) / math.sqrt(dh)
-            mask_HQK = attention_mask(cfg, x_BTD.shape[1])
-            scores_BHQK = jnp.where(mask_HQK[None], scores_BHQK, jnp.finfo(jnp.float32).min)
-            pattern_BHQK = jax.nn.softmax(scores_BHQK, axis=-1)
-        z_BHTd = jnp.einsum("bhqk,bhke->bhqe", pattern_BHQK.astype(cdt), v_BHTd)
+        if fused:
+            # The 1/sqrt(d_head) scale goes on the [T, d] queries rather than the [T, T] scores.
+            q_BHTd = q_BHTd * jnp.asarray(1 / math.sqrt(dh), cdt)
+            z_BHTd = attention.fused(q_BHTd, k_BHTd, v_BHTd, windows, cfg.attention_block)
+        else:
+            z_BHTd, pattern_BHQK = attention.explicit(q_BHTd, k_BHTd, v_BHTd, windows, pattern_BHQK)
         if head_mask_H is not None:
             z_BHTd = z_BHTd * head_mask_H.astype(cdt)[None, :, None, None]
         out_BTD = jnp.einsum("bhqe,hed->bqd", z_BHTd, w_o)
@@ -169,11 +166,12 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool, ln_scales=(None, None)):
+    def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool, ln_scales=(None, None),
+                 fused: bool = False):
         """(x after the block, pattern, head results, (ln1's, ln2's 1/sigma)); `ln_scales` freezes them."""
         ln1_BTD, s1_BT = LayerNorm(self.cfg, name="ln1")(x_BTD, ln_scales[0])
         attn_out, pattern, results = Attention(self.cfg, name="attn")(ln1_BTD, pos_TD, head_mask_H, pattern_BHQK,
-                                                                      want_results)
+                                                                      want_results, fused)
         x_BTD = x_BTD + attn_out
         s2_BT = None
         if self.cfg.d_mlp:
@@ -231,25 +229,9 @@ class Transformer(nn.Module):
         unknown = set(capture) - set(CAPTURES)
         if unknown:
             raise ValueError(f"capture: unknown {sorted(unknown)}; choose from {CAPTURES}")
-        pos_TD = self.positions(x_BTD.shape[1]) if cfg.positions == "shortformer" else None
+        x_BTD, pats, results, resid, scales = self._layers(first_layer, x_BTD, head_mask, patterns, capture,
+                                                           ln_scales)
         want_results = "head_results" in capture
-        pats, results, resid, scales = [], [], [], []
-        frozen_ln1 = frozen_ln2 = [None] * cfg.n_layers
-        if ln_scales is not None:
-            frozen_ln1, frozen_ln2 = ln_scales["ln1"], ln_scales.get("ln2", frozen_ln2)
-        for layer in range(first_layer, cfg.n_layers):
-            resid.append(x_BTD)
-            frozen = (frozen_ln1[layer], frozen_ln2[layer])
-            x_BTD, pat, res, scale = self.blocks[layer](
-                x_BTD, pos_TD,
-                None if head_mask is None else head_mask[layer],
-                None if patterns is None else patterns[layer],
-                want_results, frozen)
-            x_BTD = shard_batch(x_BTD)
-            pats.append(pat)
-            results.append(res)
-            scales.append(scale)
-        resid.append(x_BTD)
         logits_BTV, final_scale = self.unembed(x_BTD, None if ln_scales is None else ln_scales["ln_final"])
         if not capture:
             return logits_BTV
@@ -265,6 +247,41 @@ class Transformer(nn.Module):
             if cfg.d_mlp:
                 out["ln_scales"]["ln2"] = jnp.stack([s[1] for s in scales])
         return logits_BTV, out
+
+    def _layers(self, first_layer: int, x_BTD, head_mask=None, patterns=None, capture: Sequence[str] = (),
+                ln_scales=None, fused: bool = False):
+        """(final residual stream, then per layer run: patterns, head results, residual inputs + final, LN scales)."""
+        cfg = self.cfg
+        pos_TD = self.positions(x_BTD.shape[1]) if cfg.positions == "shortformer" else None
+        pats, results, resid, scales = [], [], [], []
+        frozen_ln1 = frozen_ln2 = [None] * cfg.n_layers
+        if ln_scales is not None:
+            frozen_ln1, frozen_ln2 = ln_scales["ln1"], ln_scales.get("ln2", frozen_ln2)
+        for layer in range(first_layer, cfg.n_layers):
+            resid.append(x_BTD)
+            frozen = (frozen_ln1[layer], frozen_ln2[layer])
+            x_BTD, pat, res, scale = self.blocks[layer](
+                x_BTD, pos_TD,
+                None if head_mask is None else head_mask[layer],
+                None if patterns is None else patterns[layer],
+                "head_results" in capture, frozen, fused)
+            x_BTD = shard_batch(x_BTD)
+            pats.append(pat)
+            results.append(res)
+            scales.append(scale)
+        resid.append(x_BTD)
+        return x_BTD, pats, results, resid, scales
+
+    def losses(self, tokens_BT):
+        """Per-token cross-entropy [B, T-1], equal to `token_losses(model(tokens), tokens)`: the training loss.
+
+        It runs the fused attention path (model.attention=fused): no pattern is materialised, so everything that
+        reads patterns (analysis, ablations, captures) calls the model itself, on the explicit path. The last
+        position predicts nothing, so its logits are never formed, and `cross_entropy`'s backward is one pass.
+        """
+        x_BTD = self._layers(0, self.embed(tokens_BT), fused=self.cfg.attention == "fused")[0]
+        logits_BTV = self.unembed(x_BTD[:, :-1])[0]
+        return cross_entropy(logits_BTV, tokens_BT[:, 1:])
 
     def unembed(self, x_BTD, inv_sigma_BT=None):
         """(logits [B, T, V] in float32, ln_final's 1/sigma [B, T]); `inv_sigma_BT` freezes that normalisation."""
@@ -307,6 +324,29 @@ def count_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
             continue
         total += int(np.prod(leaf.shape))
     return total
+
+
+@jax.custom_vjp
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per position [B, T], in float32."""
+    return _cross_entropy_fwd(logits_BTV, targets_BT)[0]
+
+
+def _cross_entropy_fwd(logits_BTV, targets_BT):
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse_BT - target_BT, (logits_BTV, lse_BT, targets_BT)
+
+
+def _cross_entropy_bwd(res, g_BT):
+    logits_BTV, lse_BT, targets_BT = res
+    onehot_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
+    dlogits_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot_BTV) * g_BT[..., None]
+    return dlogits_BTV, np.zeros(targets_BT.shape, jax.dtypes.float0)
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def token_losses(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:

@@ -32,7 +32,7 @@ class Trainer:
 
 
 def loss_fn(params, model: model_lib.Transformer, tokens_BT):
-    return model_lib.token_losses(model.apply({"params": params}, tokens_BT), tokens_BT).mean()
+    return model.apply({"params": params}, tokens_BT, method=model_lib.Transformer.losses).mean()
 
 
 def train_step(state, tokens_BT, *, model, optimizer):

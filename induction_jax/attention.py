@@ -1,0 +1,126 @@
+"""Attention cores on heads-major [B, H, T, d] queries, keys and values (docs/method.md §7).
+
+Two paths compute the same causal (optionally windowed) softmax attention:
+- `explicit` materialises every pattern [B, H, Q, K]: analysis, ablations and `capture=("patterns",)` need them.
+- `fused` never returns patterns, which lets training skip work: on GPU it calls `jax.nn.dot_product_attention`
+  (cuDNN's fused kernel where available); elsewhere it runs `blocked`, a causal-blocked attention with its own
+  backward pass (the flash-attention recurrence in plain XLA): query blocks skip the keys after them, and the
+  backward recomputes each block's pattern from the saved log-sum-exp instead of storing T x T patterns.
+
+`windows` gives each head's window (a head attends to keys k with q - window < k <= q); dense heads have
+window >= T. `fused` and `blocked` take queries already scaled by 1/sqrt(d_head).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+PATHS = ("auto", "explicit", "fused")
+NEG = jnp.finfo(jnp.float32).min
+
+
+def mask_HQK(windows: tuple[int, ...], q0: int, n_q: int, n_k: int) -> jax.Array:
+    """[H, n_q, n_k] True where query q0 + i may attend to key j. Built from iotas inside the traced function, so
+    XLA fuses it into the masking rather than embedding an H x T x T constant in every layer's program."""
+    q = q0 + jnp.arange(n_q)[:, None]
+    k = jnp.arange(n_k)[None, :]
+    window_H = jnp.asarray(windows, jnp.int32)[:, None, None]
+    return (k <= q)[None] & (q - k < window_H)
+
+
+def _scores(q_BHQd, k_BHKd, windows, q0: int, divisor: float = 1.0) -> jax.Array:
+    s_BHQK = jnp.einsum("bhqe,bhke->bhqk", q_BHQd, k_BHKd).astype(jnp.float32)
+    if divisor != 1.0:
+        s_BHQK = s_BHQK / divisor
+    return jnp.where(mask_HQK(windows, q0, q_BHQd.shape[2], k_BHKd.shape[2])[None], s_BHQK, NEG)
+
+
+def explicit(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], pattern_BHQK=None):
+    """(z [B, H, T, d], pattern [B, H, Q, K] in float32) from unscaled queries. A given pattern replaces the
+    computed one."""
+    if pattern_BHQK is None:
+        pattern_BHQK = jax.nn.softmax(_scores(q_BHTd, k_BHTd, windows, 0, math.sqrt(q_BHTd.shape[-1])), axis=-1)
+    z_BHTd = jnp.einsum("bhqk,bhke->bhqe", pattern_BHQK.astype(v_BHTd.dtype), v_BHTd)
+    return z_BHTd, pattern_BHQK
+
+
+def _bounds(t: int, block: int) -> list[tuple[int, int]]:
+    return [(a, min(a + block, t)) for a in range(0, t, block)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def blocked(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], block: int):
+    """z [B, H, T, d]: causal attention by query blocks of `block`; block i reads only keys < its end."""
+    return _blocked_fwd(q_BHTd, k_BHTd, v_BHTd, windows, block)[0]
+
+
+def _blocked_fwd(q_BHTd, k_BHTd, v_BHTd, windows, block):
+    zs, lses = [], []
+    for q0, q1 in _bounds(q_BHTd.shape[2], block):
+        s_BHQK = _scores(q_BHTd[:, :, q0:q1], k_BHTd[:, :, :q1], windows, q0)
+        m_BHQ1 = s_BHQK.max(-1, keepdims=True)
+        e_BHQK = jnp.exp(s_BHQK - m_BHQ1)
+        l_BHQ1 = e_BHQK.sum(-1, keepdims=True)
+        # Normalising the [Q, d] output instead of the [Q, K] pattern saves a pass over the pattern.
+        z = jnp.einsum("bhqk,bhke->bhqe", e_BHQK.astype(v_BHTd.dtype), v_BHTd[:, :, :q1]).astype(jnp.float32)
+        zs.append((z / l_BHQ1).astype(v_BHTd.dtype))
+        lses.append(m_BHQ1 + jnp.log(l_BHQ1))
+    z_BHTd, lse_BHT1 = jnp.concatenate(zs, 2), jnp.concatenate(lses, 2)
+    return z_BHTd, (q_BHTd, k_BHTd, v_BHTd, z_BHTd, lse_BHT1)
+
+
+def _blocked_bwd(windows, block, res, dz_BHTd):
+    q_BHTd, k_BHTd, v_BHTd, z_BHTd, lse_BHT1 = res
+    t, cdt = q_BHTd.shape[2], v_BHTd.dtype
+    # rowsum(P * dP) equals rowsum(dz * z): a [T, d] product instead of a [T, T] one.
+    delta_BHT1 = (dz_BHTd.astype(jnp.float32) * z_BHTd.astype(jnp.float32)).sum(-1, keepdims=True)
+    dqs = []
+    dk_BHTd = jnp.zeros(k_BHTd.shape, jnp.float32)
+    dv_BHTd = jnp.zeros(v_BHTd.shape, jnp.float32)
+    for q0, q1 in _bounds(t, block):
+        q_blk, dz_blk = q_BHTd[:, :, q0:q1], dz_BHTd[:, :, q0:q1]
+        p_BHQK = jnp.exp(_scores(q_blk, k_BHTd[:, :, :q1], windows, q0) - lse_BHT1[:, :, q0:q1])
+        dp_BHQK = jnp.einsum("bhqe,bhke->bhqk", dz_blk, v_BHTd[:, :, :q1]).astype(jnp.float32)
+        ds_BHQK = (p_BHQK * (dp_BHQK - delta_BHT1[:, :, q0:q1])).astype(cdt)
+        dqs.append(jnp.einsum("bhqk,bhke->bhqe", ds_BHQK, k_BHTd[:, :, :q1]))
+        pad = ((0, 0), (0, 0), (0, t - q1), (0, 0))
+        dv_BHTd += jnp.pad(jnp.einsum("bhqk,bhqe->bhke", p_BHQK.astype(cdt), dz_blk).astype(jnp.float32), pad)
+        dk_BHTd += jnp.pad(jnp.einsum("bhqk,bhqe->bhke", ds_BHQK, q_blk).astype(jnp.float32), pad)
+    return jnp.concatenate(dqs, 2), dk_BHTd.astype(k_BHTd.dtype), dv_BHTd.astype(cdt)
+
+
+blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def fused(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], block: int):
+    """z [B, H, T, d] without patterns: cuDNN's kernel on GPU, `blocked` elsewhere."""
+    if jax.default_backend() == "gpu":
+        return dot_product(q_BHTd, k_BHTd, v_BHTd, windows)
+    return blocked(q_BHTd, k_BHTd, v_BHTd, windows, block)
+
+
+def dot_product(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], implementation: str | None = None):
+    """z [B, H, T, d] from `jax.nn.dot_product_attention` (which picks cuDNN's fused kernel on GPU)."""
+    t = q_BHTd.shape[2]
+    zs = []
+    # It takes one window for all heads: each run of heads with equal windows is one call.
+    for h0, h1, window in _runs(windows):
+        q, k, v = (x[:, h0:h1].transpose(0, 2, 1, 3) for x in (q_BHTd, k_BHTd, v_BHTd))  # [B, T, N, d]
+        local = None if window >= t else (window - 1, 0)
+        z = jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True, local_window_size=local,
+                                         implementation=implementation)
+        zs.append(z.transpose(0, 2, 1, 3))
+    return jnp.concatenate(zs, 1)
+
+
+def _runs(windows: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    runs, start = [], 0
+    for h in range(1, len(windows) + 1):
+        if h == len(windows) or windows[h] != windows[start]:
+            runs.append((start, h, windows[start]))
+            start = h
+    return runs

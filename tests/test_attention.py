@@ -1,0 +1,108 @@
+"""The fused attention paths against the explicit one: outputs, gradients, and the training loss built on them."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from induction_jax import attention, config, model as model_lib
+
+B, H, T, D = 2, 4, 19, 8  # T not a multiple of the blocks below
+
+
+def _qkv(seed=0):
+    r = np.random.default_rng(seed)
+    return [jnp.asarray(r.standard_normal((B, H, T, D)), jnp.float32) for _ in range(4)]
+
+
+def _numpy_attention(q, k, v, windows):
+    s = np.einsum("bhqe,bhke->bhqk", q, k) / np.sqrt(D)
+    qi, ki = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = (ki <= qi)[None] & (qi - ki < np.asarray(windows)[:, None, None])
+    s = np.where(allowed[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bhke->bhqe", p, v)
+
+
+WINDOWS = [(T, T, T, T), (T, T, 3, 3), (1, 5, T, 2)]
+
+
+@pytest.mark.parametrize("windows", WINDOWS)
+def test_explicit_matches_numpy(windows):
+    q, k, v, _ = _qkv()
+    z, pattern = attention.explicit(q, k, v, windows)
+    np.testing.assert_allclose(z, _numpy_attention(*map(np.asarray, (q, k, v)), windows), atol=1e-5)
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("windows", WINDOWS)
+@pytest.mark.parametrize("block", [4, 7, 64])
+def test_blocked_matches_explicit_in_value_and_gradient(windows, block):
+    q, k, v, g = _qkv(1)
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v) * g).sum()
+
+    explicit = loss(lambda q, k, v: attention.explicit(q, k, v, windows)[0])
+    blocked = loss(lambda q, k, v: attention.blocked(q / np.sqrt(D), k, v, windows, block))
+    val_e, grads_e = jax.value_and_grad(explicit, argnums=(0, 1, 2))(q, k, v)
+    val_b, grads_b = jax.value_and_grad(blocked, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(val_b, val_e, rtol=1e-5)
+    for name, a, b in zip("qkv", grads_b, grads_e):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("windows", WINDOWS)
+def test_dot_product_path_matches_explicit(windows):
+    """The GPU path's call of jax.nn.dot_product_attention (run here with its XLA implementation): the same
+    causal mask and windows."""
+    q, k, v, _ = _qkv(2)
+    z = attention.dot_product(q / np.sqrt(D), k, v, windows, implementation="xla")
+    np.testing.assert_allclose(z, attention.explicit(q, k, v, windows)[0], atol=1e-5)
+
+
+def _model(**over):
+    base = dict(n_layers=2, d_model=32, n_heads=4, context=24, vocab_size=61, init_std=0.3, attention_block=8)
+    cfg = config.ModelConfig(**{**base, **over})
+    m = model_lib.make(cfg)
+    params = model_lib.init_params(cfg, jax.random.key(3))
+    tokens = jax.random.randint(jax.random.key(4), (3, 24), 0, 61)
+    return cfg, m, params, tokens
+
+
+@pytest.mark.parametrize("over", [{}, {"local_heads": 2, "local_window": 5}, {"smeared_key": True},
+                                  {"d_mlp": 64, "positions": "learned"}, {"positions": "rotary"},
+                                  {"layer_norm": False, "positions": "none"}])
+def test_training_loss_fused_equals_explicit(over):
+    cfg, m, params, tokens = _model(**over)
+    explicit = model_lib.make(dataclasses.replace(cfg, attention="explicit"))
+
+    def mean_loss(mod):
+        return lambda p: mod.apply({"params": p}, tokens, method=model_lib.Transformer.losses).mean()
+
+    ref = lambda p: model_lib.token_losses(m.apply({"params": p}, tokens), tokens).mean()  # noqa: E731
+    val_f, grad_f = jax.value_and_grad(mean_loss(m))(params)
+    val_e, grad_e = jax.value_and_grad(mean_loss(explicit))(params)
+    val_r, grad_r = jax.value_and_grad(ref)(params)
+    np.testing.assert_allclose(val_f, val_r, rtol=1e-6)
+    np.testing.assert_allclose(val_e, val_r, rtol=1e-6)
+    for a, b, c in zip(jax.tree.leaves(grad_f), jax.tree.leaves(grad_e), jax.tree.leaves(grad_r)):
+        np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-4)
+        np.testing.assert_allclose(b, c, atol=1e-6, rtol=1e-4)
+
+
+def test_cross_entropy_gradient_is_softmax_minus_onehot():
+    r = np.random.default_rng(5)
+    logits = jnp.asarray(r.standard_normal((2, 3, 7)) * 3, jnp.float32)
+    targets = jnp.asarray(r.integers(0, 7, (2, 3)))
+    g = jnp.asarray(r.standard_normal((2, 3)), jnp.float32)
+    grad = jax.grad(lambda x: (model_lib.cross_entropy(x, targets) * g).sum())(logits)
+    p = np.exp(np.asarray(logits) - np.log(np.exp(np.asarray(logits)).sum(-1, keepdims=True)))
+    expect = (p - np.eye(7)[np.asarray(targets)]) * np.asarray(g)[..., None]
+    np.testing.assert_allclose(grad, expect, atol=1e-6)
+    loss = model_lib.cross_entropy(logits, targets)
+    np.testing.assert_allclose(loss, -np.log(np.take_along_axis(p, np.asarray(targets)[..., None], -1))[..., 0],
+                               rtol=1e-6)
