@@ -180,6 +180,20 @@ class Block(nn.Module):
         return x_BTD, pattern, results, (s1_BT, s2_BT)
 
 
+# model.remat: which of a block's intermediates the backward pass keeps; the rest it recomputes from the block's
+# input. "dots" keeps the outputs of the weight matmuls (the projections, the MLP), which are costly to redo and
+# small, and recomputes the attention and the elementwise work.
+REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _block_class(remat: str):
+    if remat == "none":
+        return Block
+    # Block.__call__(self, x, pos, head_mask, pattern, want_results, ln_scales, fused): the flags are static.
+    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(5, 7))
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -189,7 +203,7 @@ class Transformer(nn.Module):
         self.W_E = _param(self, "W_E", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), init)
         if cfg.positions in ("shortformer", "learned") and cfg.pos_table == "learned":
             self.W_pos = _param(self, "W_pos", (cfg.context, cfg.d_model), (None, "embed"), init)
-        self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+        self.blocks = [_block_class(cfg.remat)(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
         self.ln_final = LayerNorm(cfg, name="ln_final")
         self.W_U = _param(self, "W_U", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), init)
 
