@@ -7,6 +7,8 @@
                                                            # jax.distributed, one model
 
 Random tokens stand in for data (the loader is benchmarked separately); the step is the real jitted train step.
+Every row runs twice, with the training loss's fused attention (model.attention=fused, the default) and with the
+explicit path that materialises patterns (model.attention=explicit); `--paths fused` keeps one.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="*", default=DEFAULT)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--paths", nargs="*", default=["fused", "explicit"], help="model.attention values to compare")
     ap.add_argument("--side-by-side", action="store_true")
     ap.add_argument("--inline", action="store_true",
                     help="measure in this process on its default device (e.g. a GPU), no child processes")
@@ -98,30 +101,34 @@ def main() -> None:
     if args.inline:
         import jax
         print(f"device: {jax.devices()[0].device_kind}")
-        print(f"{'config':32s} {'tok/s':>10s} {'ms/step':>8s} {'TFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
+        print(f"{'config':32s} {'attention':9s} {'tok/s':>10s} {'ms/step':>8s} {'TFLOP/s':>8s} {'peak':>7s} "
+              f"{'MFU':>6s}")
         for c in args.configs:
-            r = measure(c, args.overrides, args.steps)
-            print(f"{c:32s} {r['tokens_per_s']:10.0f} {r['ms_per_step']:8.1f} {r['gflops'] / 1e3:8.1f} "
-                  f"{r['peak_gflops'] / 1e3:7.0f} {r['mfu']:6.1%}", flush=True)
+            for path in args.paths:
+                r = measure(c, [*args.overrides, f"model.attention={path}"], args.steps)
+                print(f"{c:32s} {path:9s} {r['tokens_per_s']:10.0f} {r['ms_per_step']:8.1f} "
+                      f"{r['gflops'] / 1e3:8.1f} {r['peak_gflops'] / 1e3:7.0f} {r['mfu']:6.1%}", flush=True)
         return
-    print(f"{'config':40s} {'mode':28s} {'tok/s':>9s} {'ms/step':>8s} {'GFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
-    for c in args.configs:
+    print(f"{'config':40s} {'attention':9s} {'mode':28s} {'tok/s':>9s} {'ms/step':>8s} {'GFLOP/s':>8s} {'peak':>7s} "
+          f"{'MFU':>6s}")
+    for c, path in [(c, path) for c in args.configs for path in args.paths]:
+        overrides = [*args.overrides, f"model.attention={path}"]
         # Each row's children start only when the previous row has finished: rows must not share the cores.
-        rows = [("1 process, 2 threads", lambda: [run_child(c, args.overrides, args.steps)])]
+        rows = [("1 process, 2 threads", lambda: [run_child(c, overrides, args.steps)])]
         if args.side_by_side:
             rows.append(("2 processes x 1 thread (sum)",
-                         lambda: [run_child(c, args.overrides, args.steps, True, cpu) for cpu in (0, 1)]))
+                         lambda: [run_child(c, overrides, args.steps, True, cpu) for cpu in (0, 1)]))
             rows.append(("1 process, 2 devices x 1 thread",
-                         lambda: [run_child(c, args.overrides, args.steps, True, None, 2)]))
+                         lambda: [run_child(c, overrides, args.steps, True, None, 2)]))
             rows.append(("2 processes x 1 thread, 1 model",
-                         lambda: [run_child(c, args.overrides, args.steps, True, cpu, 1, cpu, port)
+                         lambda: [run_child(c, overrides, args.steps, True, cpu, 1, cpu, port)
                                   for port in [_free_port()] for cpu in (0, 1)]))
         for mode, start in rows:
             procs = start()
             outs = [p.communicate()[0].strip().splitlines() for p in procs]
             if any(p.returncode != 0 or not out for p, out in zip(procs, outs)):
                 # e.g. XLA:CPU's 2-device all-reduce deadlock, which aborts the child (docs/benchmarks.md)
-                print(f"{c:40s} {mode:28s} failed (exit codes {[p.returncode for p in procs]})")
+                print(f"{c:40s} {path:9s} {mode:28s} failed (exit codes {[p.returncode for p in procs]})")
                 continue
             results = [json.loads(out[-1]) for out in outs]
             if mode.endswith("1 model"):  # both processes time the same global steps
@@ -131,7 +138,7 @@ def main() -> None:
             pk = results[0]["peak_gflops"] * (len(results) if len(results) > 1 else 1)
             if len(results) > 1:  # each child's probe saw one core; the machine's peak is their sum
                 pk = sum(r["peak_gflops"] for r in results)
-            print(f"{c:40s} {mode:28s} {tps:9.0f} {results[0]['ms_per_step']:8.1f} {gf:8.1f} {pk:7.1f} "
+            print(f"{c:40s} {path:9s} {mode:28s} {tps:9.0f} {results[0]['ms_per_step']:8.1f} {gf:8.1f} {pk:7.1f} "
                   f"{gf / pk:6.1%}")
 
 

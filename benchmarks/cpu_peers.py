@@ -1,0 +1,175 @@
+"""The CPU jobs a researcher compares, against PyTorch eager (TransformerLens's HookedTransformer) in the same run.
+
+    python benchmarks/cpu_peers.py [--config configs/cpu/attn_only_2l.yaml] [--jobs train ablate loss]
+
+Jobs, each on the same model shape (the config's; attention-only, shortformer positions, LayerNorm):
+- train: one AdamW step on a batch of the config's batch size (tokens/s), at 1 and at 2 threads;
+- ablate: the pattern-preserving ablation of every head, one at a time, on `--examples` windows of the full
+  context (seconds): ours is the vmapped job (`ablate.ablated_losses`), the peer a hook loop that replaces every
+  pattern with the clean run's and zeroes one head's z;
+- loss: per-token losses of the eval windows (tokens/s).
+Each figure comes from a child process with its thread count fixed before any library starts, so the two
+frameworks never share the cores. Without torch and transformer_lens (the `tl` extra) the table has our column only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    fn()  # compile / warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ours(job: str, cfg, examples: int, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from induction_jax import ablate, evaluate, sharding, step
+    from induction_jax import config as config_lib
+    from induction_jax import model as model_lib
+
+    m = cfg.model
+    rng = np.random.default_rng(0)
+    if job == "train":
+        mesh = sharding.make_mesh(config_lib.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+        trainer = step.build(cfg, mesh)
+        state = [trainer.init_fn(jax.random.key(0))]
+        tokens = jnp.asarray(rng.integers(0, m.vocab_size, (cfg.train.batch_size, m.context), dtype=np.int32))
+
+        def train():
+            state[0], metrics = trainer.step_fn(state[0], tokens)
+            jax.block_until_ready(metrics)
+        return trainer.tokens_per_step / _best(train, repeats)
+    model = model_lib.make(m)
+    params = model_lib.init_params(m, jax.random.key(0))
+    tokens = rng.integers(0, m.vocab_size, (examples, m.context), dtype=np.int32)
+    if job == "loss":
+        return tokens.size / _best(lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size),
+                                   repeats)
+    masks = ablate.single_head_masks(m.n_layers, m.n_heads)
+    batches = [jnp.asarray(tokens[i: i + cfg.eval.batch_size]) for i in range(0, examples, cfg.eval.batch_size)]
+    return _best(lambda: [np.asarray(ablate.ablated_losses(model, params, b, masks)) for b in batches], repeats)
+
+
+def peer(job: str, cfg, examples: int, repeats: int) -> float:
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    m = cfg.model
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, d_head=m.d_head, n_ctx=m.context,
+        d_vocab=m.vocab_size, attn_only=True, act_fn=None, normalization_type="LN",
+        positional_embedding_type="shortformer", device="cpu"))
+    gen = torch.Generator().manual_seed(0)
+    if job == "train":
+        tokens = torch.randint(0, m.vocab_size, (cfg.train.batch_size, m.context), generator=gen)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+        def train():
+            loss = model(tokens, return_type="loss")
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+        return tokens.numel() / _best(train, repeats)
+    tokens = torch.randint(0, m.vocab_size, (examples, m.context), generator=gen)
+    batches = tokens.split(cfg.eval.batch_size)
+    if job == "loss":
+        def losses():
+            with torch.no_grad():
+                return [model(b, return_type="loss", loss_per_token=True) for b in batches]
+        return tokens.numel() / _best(losses, repeats)
+
+    def ablate_all():
+        with torch.no_grad():
+            for b in batches:
+                _, cache = model.run_with_cache(b, names_filter=lambda n: n.endswith("hook_pattern"))
+                for layer in range(m.n_layers):
+                    for head in range(m.n_heads):
+                        hooks = [(f"blocks.{lyr}.attn.hook_pattern",
+                                  lambda p, hook, c=cache[f"blocks.{lyr}.attn.hook_pattern"]: c)
+                                 for lyr in range(m.n_layers)]
+
+                        def zero(z, hook, h=head):
+                            z[:, :, h] = 0.0
+                            return z
+                        hooks.append((f"blocks.{layer}.attn.hook_z", zero))
+                        model.run_with_hooks(b, return_type="loss", loss_per_token=True, fwd_hooks=hooks)
+    return _best(ablate_all, repeats)
+
+
+def _child(args) -> None:
+    from induction_jax import config as config_lib
+    cfg = config_lib.load(args.config, args.overrides)
+    if args.child == "peer":
+        import torch
+        torch.set_num_threads(args.threads[0])
+    fn = ours if args.child == "ours" else peer
+    print(json.dumps({"value": fn(args.job, cfg, args.examples, args.repeats)}))
+
+
+def _measure(who: str, job: str, threads: int, args) -> float | None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads))
+    if who == "ours" and threads == 1:
+        env["XLA_FLAGS"] = SINGLE_THREAD
+    cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", str(threads), "--config",
+           args.config, "--examples", str(args.examples), "--repeats", str(args.repeats), *args.overrides]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode or not lines:
+        print(f"  ({who} {job} x{threads} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])["value"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/cpu/attn_only_2l.yaml")
+    ap.add_argument("--jobs", nargs="*", default=["train", "ablate", "loss"])
+    ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    try:
+        import torch  # noqa: F401
+        import transformer_lens  # noqa: F401
+        have_peer = True
+    except ImportError:
+        have_peer = False
+    units = {"train": "tokens/s", "ablate": "s", "loss": "tokens/s"}
+    print(f"{'job':8s} {'threads':>7s} {'induction_jax':>14s} {'TransformerLens':>16s} {'ratio':>7s}  unit")
+    for job in args.jobs:
+        for threads in args.threads:
+            a = _measure("ours", job, threads, args)
+            b = _measure("peer", job, threads, args) if have_peer else None
+            # Ratios read as "how many times better ours is": throughput ours/peer, seconds peer/ours.
+            ratio = None if a is None or b is None else (a / b if units[job] != "s" else b / a)
+            fmt = (lambda v: "-" if v is None else (f"{v:.2f}" if units[job] == "s" else f"{v:.0f}"))
+            print(f"{job:8s} {threads:7d} {fmt(a):>14s} {fmt(b):>16s} "
+                  f"{'-' if ratio is None else f'{ratio:.2f}x':>7s}  {units[job]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
