@@ -142,23 +142,11 @@ def main(argv=None) -> int:
                                                  "with several runs, the joint report goes to runs' parent)")
     parser.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
     parser.add_argument("--ablations", action="store_true", help="also run pattern-preserving head ablations")
-    parser.add_argument("--export-tl", type=int, metavar="STEP",
-                        help="export that snapshot for TransformerLens (npz + config json) and exit")
     parser.add_argument("--no-report", action="store_true", help="compute results only")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     progress = not args.no_progress
     logs.divert()
-    if args.export_tl is not None:
-        from .run import Run
-        for rd in args.run_dirs:
-            out = (args.out / rd.name if len(args.run_dirs) > 1 else args.out) if args.out else rd / "analysis"
-            run = Run.open(rd)
-            run._ctx.check_steps([args.export_tl])
-            check_writable(out, "" if args.out else "; pass --out DIR to write it elsewhere")
-            path = run.export_transformer_lens(args.export_tl, out / f"tl_{args.export_tl}")
-            print(f"wrote {path}")
-        return 0
     if len(args.run_dirs) > 1 and not args.out and not args.no_report:
         check_writable(args.run_dirs[0].parent / "analysis", "; pass --out DIR to write the joint report elsewhere")
     contexts = []

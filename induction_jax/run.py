@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -86,42 +85,6 @@ class Run:
         return [{"step": s, "layer": layer, "head": h, "measure": m, "value": float(scores[i, layer, h, j])}
                 for i, s in enumerate(steps) for layer in range(scores.shape[1])
                 for h in range(scores.shape[2]) for j, m in enumerate(MEASURES)]
-
-    def export_transformer_lens(self, step: int, path: str | Path) -> Path:
-        """Writes `path.npz` (HookedTransformer state-dict keys and shapes) and `path.json` (config fields).
-
-        Only attention-only shortformer models with LayerNorm map onto TransformerLens; anything else is refused.
-        """
-        m = self.config.model
-        why = [w for w, bad in [("smeared key", m.smeared_key), ("MLPs", m.d_mlp > 0),
-                                (f"positions={m.positions}", m.positions != "shortformer"),
-                                ("local heads", m.local_heads > 0), ("no LayerNorm", not m.layer_norm)] if bad]
-        if why:
-            raise UserError(f"{self.path}: TransformerLens cannot express this model ({', '.join(why)})")
-        p = self.params(step)
-        sd = {"embed.W_E": p["W_E"], "unembed.W_U": p["W_U"],
-              "unembed.b_U": np.zeros(m.vocab_size, np.float32),
-              "ln_final.w": p["ln_final"]["scale"], "ln_final.b": p["ln_final"]["bias"]}
-        from .model import sinusoidal_table
-        sd["pos_embed.W_pos"] = p["W_pos"] if m.pos_table == "learned" else sinusoidal_table(m.context, m.d_model)
-        for layer in range(m.n_layers):
-            a, ln = p[f"block_{layer}"]["attn"], p[f"block_{layer}"]["ln1"]
-            pre = f"blocks.{layer}"
-            sd[f"{pre}.ln1.w"], sd[f"{pre}.ln1.b"] = ln["scale"], ln["bias"]
-            for name in ("Q", "K", "V"):  # ours [D, H, E] -> TL [H, D, E]
-                sd[f"{pre}.attn.W_{name}"] = np.transpose(np.asarray(a[f"W_{name}"]), (1, 0, 2))
-                sd[f"{pre}.attn.b_{name}"] = np.zeros((m.n_heads, m.d_head), np.float32)
-            sd[f"{pre}.attn.W_O"] = a["W_O"]  # [H, E, D] in both
-            sd[f"{pre}.attn.b_O"] = np.zeros(m.d_model, np.float32)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path.with_suffix(".npz"), **{k: np.asarray(v, np.float32) for k, v in sd.items()})
-        tl_cfg = {"n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "d_head": m.d_head,
-                  "n_ctx": m.context, "d_vocab": m.vocab_size, "attn_only": True, "act_fn": None,
-                  "normalization_type": "LN", "positional_embedding_type": "shortformer",
-                  "eps": m.ln_eps, "original_architecture": "induction_jax", "step": step}
-        path.with_suffix(".json").write_text(json.dumps(tl_cfg, indent=1))
-        return path.with_suffix(".npz")
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, {len(self.steps)} snapshots)"

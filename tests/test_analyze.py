@@ -121,52 +121,6 @@ def test_run_api(run_dir, tmp_path):
     assert len(rows) == 6 * 2 * 4 * 5 and {"step", "layer", "head", "measure", "value"} <= set(rows[0])
 
 
-def _tl_forward(sd, cfg, tokens):
-    """A TransformerLens-convention forward pass in numpy (W_Q [H, D, E]; shortformer positions added after
-    ln1 to the query/key inputs only) over the exported state dict."""
-    def ln(x, w, b):
-        x = x - x.mean(-1, keepdims=True)
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg["eps"]) * w + b
-
-    t = tokens.shape[1]
-    resid = sd["embed.W_E"][tokens]
-    pos = sd["pos_embed.W_pos"][:t]
-    mask = np.tril(np.ones((t, t), bool))
-    for layer in range(cfg["n_layers"]):
-        p = f"blocks.{layer}"
-        x = ln(resid, sd[f"{p}.ln1.w"], sd[f"{p}.ln1.b"])
-        q = np.einsum("btd,hde->bthe", x + pos, sd[f"{p}.attn.W_Q"]) + sd[f"{p}.attn.b_Q"]
-        k = np.einsum("btd,hde->bthe", x + pos, sd[f"{p}.attn.W_K"]) + sd[f"{p}.attn.b_K"]
-        v = np.einsum("btd,hde->bthe", x, sd[f"{p}.attn.W_V"]) + sd[f"{p}.attn.b_V"]
-        s = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(cfg["d_head"])
-        s = np.where(mask, s, -np.inf)
-        a = np.exp(s - s.max(-1, keepdims=True))
-        a /= a.sum(-1, keepdims=True)
-        z = np.einsum("bhqk,bkhe->bqhe", a, v)
-        resid = resid + np.einsum("bqhe,hed->bqd", z, sd[f"{p}.attn.W_O"]) + sd[f"{p}.attn.b_O"]
-    return ln(resid, sd["ln_final.w"], sd["ln_final.b"]) @ sd["unembed.W_U"] + sd["unembed.b_U"]
-
-
-def test_export_transformer_lens_gives_the_same_logits(run_dir, tmp_path):
-    run = Run.open(_copy(run_dir, tmp_path))
-    path = run.export_transformer_lens(24, tmp_path / "tl" / "step24")
-    sd = dict(np.load(path))
-    cfg = json.loads(path.with_suffix(".json").read_text())
-    assert sd["blocks.0.attn.W_Q"].shape == (cfg["n_heads"], cfg["d_model"], cfg["d_head"])
-    assert cfg["positional_embedding_type"] == "shortformer"
-    tokens = run.eval_set()[0][:2]
-    ours = np.asarray(run.model.apply({"params": run.params(24)}, tokens))
-    np.testing.assert_allclose(_tl_forward(sd, cfg, tokens), ours, atol=1e-4)
-
-
-def test_export_refuses_what_transformer_lens_cannot_express(run_dir, tmp_path):
-    rd = _copy(run_dir, tmp_path)
-    text = (rd / "config.yaml").read_text().replace("smeared_key: false", "smeared_key: true")
-    (rd / "config.yaml").write_text(text)
-    with pytest.raises(config.UserError, match="smeared key"):
-        Run.open(rd).export_transformer_lens(24, tmp_path / "x")
-
-
 def test_score_heads_gives_every_measure_from_the_snapshot(run_dir, tmp_path):
     """Run.score_heads recomputes the stored measures from a snapshot; the previous-token score is checked
     against attention patterns averaged by hand."""
