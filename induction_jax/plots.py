@@ -532,7 +532,7 @@ def pca_trajectories(path, runs: Mapping[str, tuple], window=None, explained_var
 
 
 @_styled
-def head_scores(path, tokens_S, scores_SLH, measure: str, window=None, label_above: float | None = None,
+def measure_curves(path, tokens_S, scores_SLH, measure: str, window=None, label_above: float | None = None,
                 max_labels: int = 10, title: str = "", *, return_fig: bool = False):
     """One line per (layer, head) of a head measure over training tokens (log x), coloured by layer.
 

@@ -46,7 +46,7 @@ def _inputs(s=S, seed=0):
                                  dloss_SB=rng.normal(size=(s, 8)) - ph[:, None]),
         "pca_trajectories": dict(runs={"a": (tok, rng.normal(size=(s, 2))), "b": (tok, rng.normal(size=(s, 2)))},
                                  window=WINDOW),
-        "head_scores": dict(tokens_S=tok, scores_SLH=prefix, measure="prefix_matching", window=WINDOW),
+        "measure_curves": dict(tokens_S=tok, scores_SLH=prefix, measure="prefix_matching", window=WINDOW),
         "copying_vs_prefix": dict(prefix_LH=prefix[-1], copying_LH=copying[-1], thresholds=(0.4, 0.0)),
         "ablation_heatmap": dict(tokens_S=tok, delta_icl_SM=rng.normal(size=(s, m)) * 0.1,
                                  head_labels_M=_labels()),
@@ -88,7 +88,7 @@ def test_single_snapshot(name, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-@pytest.mark.parametrize("name", ["loss_curve", "icl_curve", "head_scores", "ablation_heatmap", "loss_heatmap",
+@pytest.mark.parametrize("name", ["loss_curve", "icl_curve", "measure_curves", "ablation_heatmap", "loss_heatmap",
                                   "dloss_dlog_index"])
 def test_training_tokens_on_log_x(name, tmp_path):
     _, fig = _draw(name, tmp_path)
@@ -134,7 +134,7 @@ def test_diverging_maps_centred_at_zero(name, tmp_path):
 
 
 def test_window_is_shaded_and_in_legend(tmp_path):
-    for name in ["loss_curve", "icl_curve", "head_scores"]:
+    for name in ["loss_curve", "icl_curve", "measure_curves"]:
         _, fig = _draw(name, tmp_path)
         legend = [t.get_text() for t in _main_axes(fig).get_legend().get_texts()]
         assert plots.WINDOW_LABEL in legend, name
@@ -165,23 +165,23 @@ def test_unsorted_and_duplicate_snapshots_plot_in_token_order(tmp_path):
     np.testing.assert_array_equal(line.get_ydata(), expected)
 
 
-def test_head_scores_handles_nan_layers_and_labels_high_heads(tmp_path):
+def test_measure_curves_handles_nan_layers_and_labels_high_heads(tmp_path):
     qk = np.random.default_rng(0).normal(size=(S, L, H))
     qk[:, 0] = np.nan  # layer 0 has no QK trace
-    _, fig = _draw("head_scores", tmp_path, scores_SLH=qk, measure="qk_trace")
+    _, fig = _draw("measure_curves", tmp_path, scores_SLH=qk, measure="qk_trace")
     ax = _main_axes(fig)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [plots.WINDOW_LABEL, "layer 1"]
     assert any(f"{H} head(s) without a finite score" in t.get_text() for t in ax.texts)
 
-    _, fig = _draw("head_scores", tmp_path)  # head 1.1 (flat index 4) rises to ~0.85, the rest stay ~0.05
+    _, fig = _draw("measure_curves", tmp_path)  # head 1.1 (flat index 4) rises to ~0.85, the rest stay ~0.05
     names = {t.get_text() for t in _main_axes(fig).texts}
     assert "1.1" in names and "0.0" not in names
 
 
-def test_head_scores_all_nan_model(tmp_path):
+def test_measure_curves_all_nan_model(tmp_path):
     """A 1-layer model's QK trace is NaN everywhere: the figure says so instead of crashing."""
     nan = np.full((S, 1, H), np.nan)
-    _, fig = _draw("head_scores", tmp_path, scores_SLH=nan, measure="qk_trace")
+    _, fig = _draw("measure_curves", tmp_path, scores_SLH=nan, measure="qk_trace")
     assert any("no finite" in t.get_text() for t in _main_axes(fig).texts)
 
 
