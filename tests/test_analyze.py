@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from corpus import tiny_overrides
-from induction_jax import Run, ablation, config, evaluate, heads, report, scoring, train
+from induction_jax import Run, ablate, ablation, cli, config, data, evalset, evaluate, heads, report, scoring, train
 from induction_jax.store import EVAL, ablation_name
 
 TINY = "configs/cpu/tiny.yaml"
@@ -188,3 +189,79 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     assert len(table) == cfg.n_heads and all(line.count("±") == 3 for line in table)
     assert any("share removed, frozen_ln" in line for line in lines)
     assert (fig / "run_ablation.png").exists() and (fig / "run_attribution.png").exists()
+
+
+# ------------------------------------------------------------------------- the run directory and its eval set
+
+def test_open_and_analyze_use_the_stored_eval_set_not_the_data(run_dir, tmp_path, monkeypatch):
+    """The eval set train stored is the prepared data's, and with it a run opens and analyses without ever
+    preparing (or reading) the data."""
+    rd = _copy(run_dir, tmp_path)
+    cfg = config.load(rd / "config.yaml")
+    prepared = data.prepare(cfg, progress=False)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data.prepare was called")
+
+    monkeypatch.setattr(data, "prepare", no_data)
+    run = Run.open(rd)
+    tokens_NL, index_N = run.eval_set()
+    want_NL, want_N = prepared.eval_set()
+    np.testing.assert_array_equal(tokens_NL, want_NL)
+    np.testing.assert_array_equal(index_N, want_N)
+    assert run.eval.eval_hash == prepared.eval_hash and run.eval.bos_id == prepared.bos_id
+    np.testing.assert_array_equal(run.eval.pool_P, prepared.candidate_tokens(cfg.eval.exclude_common))
+    scoring.analyze_run(run, steps=[24], progress=False)
+    assert run.store.steps(EVAL) == [24]
+
+
+def test_a_run_directory_without_the_eval_set_file_still_opens(run_dir, tmp_path):
+    """A run directory written before the eval set was stored: the same eval set comes from the prepared data, so
+    its stored results are found under the same key."""
+    rd = _copy(run_dir, tmp_path)
+    stored = _analyzed(rd, steps=[24])
+    (rd / evalset.FILE).unlink()
+    run = Run.open(rd)
+    assert run.store.key == stored.store.key and set(run.icl_scores()) == {24}
+    np.testing.assert_array_equal(run.eval_set()[0], stored.eval_set()[0])
+    np.testing.assert_array_equal(run.eval.pool_P, stored.eval.pool_P)
+
+
+def test_a_damaged_eval_set_file_is_one_line(run_dir, tmp_path):
+    rd = _copy(run_dir, tmp_path)
+    es = evalset.load(rd)
+    evalset.save(rd, dataclasses.replace(es, tokens_NL=es.tokens_NL[::-1].copy()))
+    with pytest.raises(config.UserError, match="does not match its hash"):
+        Run.open(rd).eval_set()
+    (rd / evalset.FILE).write_bytes(b"not a zip")
+    with pytest.raises(config.UserError, match="unreadable eval set") as e:
+        Run.open(rd).eval_set()
+    assert "\n" not in str(e.value) and evalset.FILE in str(e.value)
+
+
+def test_ablate_command_scores_only_what_it_needs(run_dir, tmp_path, capsys):
+    """Without an analysis, ablate classifies the induction heads of the snapshots it ablates from two measures
+    computed for them alone, and analyses only --before/--after; its report shows the ablations either way."""
+    rd = _copy(run_dir, tmp_path)
+
+    def ablate_cmd(*argv):
+        with pytest.raises(SystemExit) as e:
+            cli.run(ablate.main, [str(rd), "--no-progress", *map(str, argv)])
+        assert e.value.code == 0, capsys.readouterr().err
+
+    ablate_cmd("--steps", 24)
+    run = Run.open(rd)
+    assert run.store.steps(EVAL) == [] and run.store.steps(ablation_name()) == [24]
+    text = (rd / "analysis" / "report.md").read_text()
+    assert "Argument 3" in text and "No snapshot is analysed yet" in text
+    ablate_cmd("--steps", 24, "--before", 4, "--after", 24)
+    assert run.store.sorted_steps(EVAL) == [4, 24]
+    text = (rd / "analysis" / "report.md").read_text()
+    assert "Before-and-after attribution (training change from step 4 to 24" in text
+    # The classification computed for the ablation alone is the one the full analysis stores.
+    induction = run.store.sorted_records(ablation_name())[-1]["induction"]
+    np.testing.assert_array_equal(scoring.induction_heads(run, 24, None), induction)
+    fresh = run.measure_heads(run.params(24), ("ov_copying", "prefix_matching"))
+    scores = run.store.read(EVAL, "head_scores", 24)
+    for m, value in fresh.items():
+        np.testing.assert_allclose(value, scores[..., heads.MEASURES.index(m)], atol=1e-6)
