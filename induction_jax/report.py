@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ablation, evaluate, heads, metrics, plots
+from . import ablation, evaluate, headplots, heads, metrics, plots
 from .config import UserError
 from .heads import MEASURES
 from .run import Run
@@ -141,12 +141,12 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
     centres, dloss = evaluate.dloss_dlog_index(r.losses_SNP.mean(1))
     plots.dloss_dlog_index(fig / f"{name}_dloss", r.tokens, centres, dloss, win, title=f"{name}")
     for m in ("prefix_matching", "ov_copying", "copying", "previous_token"):
-        plots.measure_curves(fig / f"{name}_{m}", r.tokens, r.measure(m), m, win, title=f"{name}")
+        headplots.measure_curves(fig / f"{name}_{m}", r.tokens, r.measure(m), m, win, title=f"{name}")
     eval_cfg = r.run.config.eval
     thr = (eval_cfg.prefix_threshold, eval_cfg.copying_threshold)
     classifying = heads.copying_measure(eval_cfg)
     for m in ("ov_copying", "copying"):
-        plots.copying_vs_prefix(fig / f"{name}_scatter_{m}", r.measure("prefix_matching")[-1], r.measure(m)[-1],
+        headplots.copying_vs_prefix(fig / f"{name}_scatter_{m}", r.measure("prefix_matching")[-1], r.measure(m)[-1],
                                 thr, title=f"{name} at step {int(r.steps[-1])}"
                                 + (" (classifies induction heads)" if m == classifying else ""), measure=m)
     lines = [f"## {name}", ""]
@@ -246,7 +246,7 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
     labels = [f"{l}.{h}" for l, h in recs[-1]["heads"]]
     tokens = np.array([x["tokens"] for x in recs], float)
     delta_icl = np.array([x["delta_icl"] for x in recs])
-    plots.ablation_heatmap(fig / f"{r.name}_ablation", tokens, delta_icl, labels, _win(r),
+    headplots.ablation_heatmap(fig / f"{r.name}_ablation", tokens, delta_icl, labels, _win(r),
                            title=f"{r.name}: {kind} ablation")
     before, after = before_after
     if before is None and r.window:
@@ -279,7 +279,7 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
     if ev["undone"] is not None:
         att = attribution(r, before, after, ev["step"], len(labels), kind)
         ind_m = np.array([lab in ev["induction"] for lab in labels])
-        plots.attribution_scatter(fig / f"{r.name}_attribution", att["cosine"], att["fraction_undone"], labels,
+        headplots.attribution_scatter(fig / f"{r.name}_attribution", att["cosine"], att["fraction_undone"], labels,
                                   ind_m, title=f"{r.name}: step {before} → {after}")
         lines.append("")
         lines.append(f"Before-and-after attribution (training change from step {before} to {after}, ablations at "
