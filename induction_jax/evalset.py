@@ -59,8 +59,8 @@ def load(run_dir: str | Path) -> EvalSet | None:
             es = EvalSet(f["tokens"].astype(np.int32), f["random_index"].astype(np.int32), str(f["eval_hash"]),
                          int(f["bos_id"]), f["pool"].astype(np.int32), float(f["exclude"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: unreadable eval set ({first_line(e)}); delete it to take the eval set from the prepared "
-                        "data") from None
+        raise UserError(f"{path}: unreadable eval set ({first_line(e)}); delete it to take the eval set from the "
+                        "prepared data") from None
     if data.sha256_eval(es.tokens_NL, es.random_index_N) != es.eval_hash:
         raise UserError(f"{path}: the eval set does not match its hash; delete it to take the eval set from the "
                         "prepared data")

@@ -98,7 +98,8 @@ def loss_heatmap(path, tokens_S, loss_SI, index_I, window=None, title: str = "",
     log-spaced snapshots get equal-width columns. The colour scale is clipped to the 1st-99th percentile (arrows
     on the colour bar say so) because the untrained model's loss would otherwise use up the whole scale."""
     return _token_heatmap(path, tokens_S, loss_SI, index_I, "token indices", window, return_fig,
-                          colours=lambda v: (st.grey_bad("viridis"), mcolors.Normalize(*st.robust_range(v)), "loss (nats)"),
+                          colours=lambda v: (st.grey_bad("viridis"), mcolors.Normalize(*st.robust_range(v)),
+                                             "loss (nats)"),
                           title=title or "Per-token loss over training and context", dropped_what="token index(es)")
 
 
