@@ -15,7 +15,7 @@ import numpy as np
 
 from timing import best_time
 
-from induction_jax import ablate, config
+from induction_jax import ablation, config
 from induction_jax import model as model_lib
 
 
@@ -32,15 +32,15 @@ def main() -> None:
     params = model_lib.init_params(m, jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, m.vocab_size, (args.examples, m.context), dtype=np.int32)
-    masks = ablate.single_head_masks(m.n_layers, m.n_heads)
+    masks = ablation.single_head_masks(m.n_layers, m.n_heads)
     h = len(masks)
     batches = [jnp.asarray(tokens[i: i + args.batch]) for i in range(0, len(tokens), args.batch)]
 
     def vmapped():
-        return [ablate.ablated_losses(model, params, b, masks) for b in batches]
+        return [ablation.ablated_losses(model, params, b, masks) for b in batches]
 
     def loop():
-        return [[ablate.single_mask_losses(model, params, b, jnp.asarray(mk)) for mk in masks] for b in batches]
+        return [[ablation.single_mask_losses(model, params, b, jnp.asarray(mk)) for mk in masks] for b in batches]
 
     fwd = jax.jit(lambda p, t: model_lib.token_losses(model.apply({"params": p}, t), t))
 

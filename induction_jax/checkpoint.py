@@ -30,7 +30,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from . import logs
-from .config import UserError
+from .config import UserError, first_line
 
 STATE_DIR = "state"
 SNAPSHOTS_DIR = "snapshots"
@@ -302,7 +302,8 @@ class SnapshotReader:
                 meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / _META,
                                                                              args=ocp.args.JsonRestore())
         except Exception as e:  # noqa: BLE001 - any failure to read means an unusable snapshot
-            raise SnapshotError(f"{path}: unreadable snapshot metadata ({_first_line(e)})") from None
+            raise SnapshotError(f"{path}: unreadable snapshot metadata "
+                                f"({first_line(e, with_type=True)})") from None
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise SnapshotError(f"{path}: metadata is not that of snapshot {step}")
         return meta
@@ -320,7 +321,7 @@ class SnapshotReader:
             with logs.diverted():
                 return ocp.PyTreeCheckpointer().restore(path / _PARAMS, args=args)
         except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for damaged files
-            raise SnapshotError(f"{path}: unreadable snapshot ({_first_line(e)})") from None
+            raise SnapshotError(f"{path}: unreadable snapshot ({first_line(e, with_type=True)})") from None
 
     def shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """{key path: shape} of the snapshot's arrays, read from its metadata alone."""
@@ -332,14 +333,8 @@ class SnapshotReader:
             with logs.diverted():
                 tree = ocp.PyTreeCheckpointer().metadata(path / _PARAMS).item_metadata.tree
         except Exception as e:  # noqa: BLE001
-            raise SnapshotError(f"{path}: unreadable snapshot metadata ({_first_line(e)})") from None
+            raise SnapshotError(f"{path}: unreadable snapshot metadata "
+                                f"({first_line(e, with_type=True)})") from None
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else ""
-    if len(line) > 200:
-        line = line[:200] + "..."
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__

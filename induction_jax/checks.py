@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ablate
+from .ablation import PATHS
 from .report import RunResults
 
 
@@ -141,8 +141,8 @@ def copying_info(r: RunResults, ranks: dict, vocab: int, n: int = 2) -> list[str
         l, h = np.unravel_index(flat, pm_LH.shape)
         lines.append(f"INFO head {l}.{h} at step {int(r.steps[-1])}: prefix matching {pm_LH[l, h]:.2f}, OV copying "
                      f"{ov_LH[l, h]:+.2f}, copying evaluator {cp_LH[l, h]:+.2f}; the token it reads is its top "
-                     f"direct-path logit for {ranks['top1'][l, h]:.0%} of sources (median rank {ranks['median_rank'][l, h]:.0f} of "
-                     f"{vocab}).")
+                     f"direct-path logit for {ranks['top1'][l, h]:.0%} of sources (median rank "
+                     f"{ranks['median_rank'][l, h]:.0f} of {vocab}).")
     return lines
 
 
@@ -186,7 +186,7 @@ def _check4(ev: dict | None, eval_cfg) -> str:
 def _share_info(ev: dict | None) -> list[str]:
     if ev is None or not ev["paths"]:
         return []
-    paths = [p for p in ablate.PATHS if p in ev["paths"]]
+    paths = [p for p in PATHS if p in ev["paths"]]
     cells = []
     for i, lab in enumerate(ev["labels"]):
         cells.append(f"{lab}{'*' if lab in ev['induction'] else ''} "
@@ -237,6 +237,6 @@ def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation:
                             f"2-layer {imp2:+.3f} (ratio {imps / imp2 if imp2 else float('nan'):.2f}; need a 2-layer "
                             f"improvement > 0 and a ratio >= 2/3); its "
                             f"max prefix matching {pms:.2f} (need > 0.5)."))
-    lines.append(_check4(ablation, two.ctx.cfg.eval))
+    lines.append(_check4(ablation, two.run.config.eval))
     lines += _share_info(ablation)
     return lines

@@ -1,23 +1,50 @@
-"""Shared command-line plumbing: config arguments and one-line reporting of user mistakes."""
+"""Shared command-line plumbing: config arguments, the progress switch, and one-line reporting of user mistakes.
+
+Every command (`python -m induction_jax.{train,data,analyze,ablate,export,plan,demo}`) builds its parser with
+these helpers and runs its main through `run`, so a mistake reads the same everywhere: one line on stderr, exit
+status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import Config, UserError, load
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--config", default=default, help=f"YAML config file (default: {default or 'built-in'})")
+def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. model.n_layers=2 train.lr=1e-3")
+                        help=help or "dotted overrides, e.g. model.n_layers=2 train.lr=1e-3")
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None, required: bool = False) -> None:
+    """--config FILE and dotted key=value overrides; `config_from_args` turns them into a Config."""
+    parser.add_argument("--config", default=default, required=required,
+                        help="YAML config file" + ("" if required else f" (default: {default or 'built-in'})"))
+    add_overrides(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load(args.config, args.overrides)
+
+
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_writable(directory: Path, hint: str = "") -> None:
+    """Fails in one line, before any work, when results could not be written to `directory`."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{directory}: cannot write results ({e.strerror}){hint}") from None
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:

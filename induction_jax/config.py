@@ -32,6 +32,18 @@ class ConfigError(UserError):
     """A user mistake in a config file or override; the message is a single line."""
 
 
+def first_line(e: BaseException, *, with_type: bool = False, limit: int = 200) -> str:
+    """An exception's message cut to its first line (and `limit` characters), for one-line errors; the exception
+    type's name when the message is empty, or in front of it with `with_type`."""
+    lines = str(e).strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    if len(line) > limit:
+        line = line[:limit] + "..."
+    if not line:
+        return type(e).__name__
+    return f"{type(e).__name__}: {line}" if with_type else line
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_layers: int = 2
@@ -149,7 +161,7 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = raw.pop("base", None)
@@ -159,7 +171,7 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict
 
 def _one_line(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
-    msg = str(e).splitlines()[0].strip()
+    msg = first_line(e)
     return f"{key}: {msg}" if key else msg
 
 

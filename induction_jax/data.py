@@ -33,8 +33,8 @@ import tokenizers
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from . import corpus
-from .config import Config, ConfigError, load
+from . import cli, corpus
+from .config import Config, ConfigError
 
 CODE_VERSION = 1  # bump whenever prepared output would change for the same inputs
 CACHE_ENV = "INDUCTION_JAX_CACHE"
@@ -42,8 +42,9 @@ _EVAL_STREAM = 1  # separates the eval set's random stream from any other use of
 _ENCODE_CHARS = 1 << 23  # text per encode_batch call: enough to keep the Rust threads busy, small for the bar
 
 
-def cache_root(cfg: Config) -> Path:
-    root = cfg.data.cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/induction_jax"
+def cache_root(cfg: Config | None = None) -> Path:
+    """`data.cache_dir`, else $INDUCTION_JAX_CACHE, else ~/.cache/induction_jax (also where peak.py keeps its probe)."""
+    root = (cfg.data.cache_dir if cfg else None) or os.environ.get(CACHE_ENV) or "~/.cache/induction_jax"
     return Path(root).expanduser()
 
 
@@ -412,21 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m induction_jax.data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize data.sources into the cache (a no-op when already done)")
-    prep.add_argument("--config", required=True, help="YAML config (configs/...)")
-    prep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.site_packages=false")
-    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    cli.add_config_args(prep, required=True)
+    cli.add_progress_arg(prep)
     args = parser.parse_args(argv)
-    try:
-        cfg = load(args.config, args.overrides)
-        t0 = time.perf_counter()
-        prepared = prepare(cfg, progress=not args.quiet)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = cli.config_from_args(args)
+    t0 = time.perf_counter()
+    prepared = prepare(cfg, progress=not args.no_progress)
     print(summary(prepared))
     print(f"({time.perf_counter() - t0:.1f} s this call)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

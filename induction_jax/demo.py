@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import cli, config
+from . import checks, cli, config, data, heads, metrics, report, scoring
+from .run import Run
 
 RUNS = {"attn_only_2l": "configs/cpu/attn_only_2l.yaml", "attn_only_1l": "configs/cpu/attn_only_1l.yaml",
         "smeared_key_1l": "configs/cpu/smeared_key_1l.yaml"}
@@ -75,19 +76,7 @@ def corpus_digest_note(prepared) -> str:
 
 def _steps_done(run_dir: Path) -> int:
     """The last step logged in metrics.jsonl (read from the file's tail: it grows by a line per step)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    with path.open("rb") as f:
-        f.seek(max(f.seek(0, os.SEEK_END) - 4096, 0))
-        lines = f.read().decode(errors="replace").splitlines()[1:]
-    done = 0
-    for line in lines:
-        try:
-            done = max(done, json.loads(line).get("step", 0))
-        except ValueError:
-            pass  # a line being written
-    return done
+    return max((rec.get("step", 0) for rec in metrics.tail(run_dir, 4096)), default=0)
 
 
 def _pinned(cpu: int | None):
@@ -109,23 +98,10 @@ def single_device_env() -> dict:
 
 def _last_probe(run_dir: Path) -> dict:
     """The newest live-probe record of a run (ICL, max prefix matching), read from metrics.jsonl's tail."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    with path.open("rb") as f:
-        f.seek(max(f.seek(0, os.SEEK_END) - 65536, 0))
-        lines = f.read().decode(errors="replace").splitlines()[1:]
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if "probe_icl" in rec:
-            return rec
-    return {}
+    return next((rec for rec in reversed(metrics.tail(run_dir)) if "probe_icl" in rec), {})
 
 
-def train_all(out: Path, overrides: list[str]) -> None:
+def train_all(out: Path, overrides: list[str], progress: bool = True) -> None:
     """One single-threaded training process per model, with an overall progress bar (ETA over all three).
 
     The 2-layer model (the longest) gets a core of its own; the two 1-layer models share the other. Each run that
@@ -155,7 +131,7 @@ def train_all(out: Path, overrides: list[str]) -> None:
                                         env=env, stdout=log, stderr=subprocess.STDOUT,
                                         preexec_fn=_pinned(cores[name])), log)
     try:
-        with tqdm(total=total, desc="train 3 models", unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=total, desc="train 3 models", unit="step", dynamic_ncols=True, disable=not progress) as bar:
             while True:
                 done = {n: min(_steps_done(out / n), cfgs[n].train.steps) for n in RUNS}
                 bar.n = sum(done.values())
@@ -213,40 +189,41 @@ def main(argv=None) -> int:
     parser.add_argument("--data-seed", type=int, metavar="N",
                         help="data order (data.seed) of all three models; the corpus, tokenizer, eval set and "
                              "initialisation stay the same")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="applied to all three CPU configs, e.g. train.steps=2000")
+    cli.add_overrides(parser, help="applied to all three CPU configs, e.g. train.steps=2000")
+    cli.add_progress_arg(parser)
     args = parser.parse_args(argv)
+    progress = not args.no_progress
     t0 = time.time()
     if args.data_seed is not None:
         args.overrides = [*args.overrides, f"data.seed={args.data_seed}"]
     out = args.out or Path("runs/demo" if not args.data_seed else f"runs/demo-seed-{args.data_seed}")
     cfg = config.load(RUNS["attn_only_2l"], args.overrides)
 
-    from . import data
     print("1/4 preparing the corpus (the Python standard library and site-packages)", flush=True)
-    prepared = data.prepare(cfg)
+    prepared = data.prepare(cfg, progress=progress)
     print("    " + data.summary(prepared).replace("\n", "\n    "), flush=True)
     print("    " + corpus_digest_note(prepared), flush=True)
 
     print("2/4 training three models side by side (one single-threaded process per core)", flush=True)
-    train_all(out, args.overrides)
+    train_all(out, args.overrides, progress)
 
-    from . import ablate, analyze, checks, heads, report
     print("3/4 analyzing every snapshot", flush=True)
-    contexts = {name: analyze.analyze_run(out / name, out / name / "analysis") for name in RUNS}
-    results = {name: report.RunResults(ctx) for name, ctx in contexts.items()}
-    two, ctx2 = results["attn_only_2l"], contexts["attn_only_2l"]
+    runs = {name: Run.open(out / name, out / name / "analysis", progress=progress) for name in RUNS}
+    for run in runs.values():
+        scoring.analyze_run(run, progress=progress)
+    results = {name: report.RunResults(run) for name, run in runs.items()}
+    two, run2 = results["attn_only_2l"], runs["attn_only_2l"]
     # Check 1's window: the ablations bracket it, and its two ends are the before/after of the attribution.
     w = checks.best_window(two)
     picks = ablation_steps(two.steps.tolist(), {"start_index": w["i"], "end_index": w["j"]})
     before, after = int(two.steps[w["i"]]), int(two.steps[w["j"]])
     print(f"4/4 ablating every head of the 2-layer model at steps {picks} (and along the direct and frozen_ln "
           f"paths at step {picks[-1]})", flush=True)
-    ablate.ablate_run(ctx2, steps=picks, kind="pattern")
+    scoring.ablate_run(run2, steps=picks, kind="pattern", progress=progress)
     for path_name in ("direct", "frozen_ln"):
-        ablate.ablate_run(ctx2, steps=picks[-1:], kind="pattern", path=path_name)
+        scoring.ablate_run(run2, steps=picks[-1:], kind="pattern", progress=progress, path=path_name)
 
-    path = report.write(list(contexts.values()), out, before_after=(before, after))
+    path = report.write(list(runs.values()), out, before_after=(before, after))
     tok_tr, loss_tr, lr_tr = report.training_loss(out / "attn_only_2l")
     start, end = checks.constant_lr_span(tok_tr, lr_tr)
     bump = checks.loss_bump(tok_tr, loss_tr, start, end)
@@ -254,9 +231,9 @@ def main(argv=None) -> int:
     pivot = checks.pca_pivot(two.tokens, proj[0], results["attn_only_1l"].tokens, proj[1])
     evidence = report.ablation_evidence(two, before, after)
     lines = checks.demo_checks(two, results["attn_only_1l"], results["smeared_key_1l"], evidence, bump, pivot)
-    ranks = heads.copying_rank(ctx2.model, ctx2.params(int(two.steps[-1])), ctx2.cfg.eval, ctx2.sampler(),
-                               ctx2.prepared.bos_id, np.random.default_rng(ctx2.cfg.data.eval_seed + 1))
-    lines += checks.copying_info(two, ranks, ctx2.cfg.model.vocab_size)
+    ranks = heads.copying_rank(run2.model, run2.params(int(two.steps[-1])), run2.config.eval, run2.eval.sampler(),
+                               run2.eval.bos_id, np.random.default_rng(run2.config.data.eval_seed + 1))
+    lines += checks.copying_info(two, ranks, run2.config.model.vocab_size)
     text = path.read_text() + "\n## Checks of the paper's claims (measured in this run)\n\n```\n" + \
         "\n".join(lines) + "\n```\n" + f"\nDemo wall time (this invocation): {(time.time() - t0) / 60:.1f} min.\n"
     path.write_text(text)

@@ -11,9 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from . import heads
-from .config import EvalConfig
 from .model import token_losses
 
 PAPER_LENGTH = 512  # the paper's eval windows; its ICL indices 50 and 500 refer to this length
@@ -40,27 +39,30 @@ def _batch_losses(model, params, tokens_BT):
     return token_losses(model.apply({"params": params}, tokens_BT), tokens_BT)
 
 
-def per_token_losses(model, params, tokens_NL, batch_size: int, *, progress: bool = False,
-                     sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
-    """float32 [N, T - 1]: the loss at every token index of every example; column c is token index c + 1.
-
-    One jitted call per batch of `batch_size` examples; the last batch is padded (so there is one compiled shape)
-    and the padding rows dropped. `sharding`, when given, places each batch (e.g. split over a data axis);
-    `batch_size` must then divide evenly over it.
-    """
+def padded_batches(tokens_NL, batch_size: int, sharding: jax.sharding.Sharding | None = None):
+    """Yields (start, rows, batch_BT) over consecutive batches of `batch_size` examples: the last one padded with
+    zeros, so a jitted function sees one shape (callers keep the first `rows` results). `sharding`, when given,
+    places each batch (e.g. split over a data axis); `batch_size` must then divide evenly over it."""
     tokens_NL = np.asarray(tokens_NL, np.int32)
     n, t = tokens_NL.shape
-    out_NL = np.empty((n, t - 1), np.float32)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="per-token losses", unit="batch")
-    for start in starts:
+    for start in range(0, n, batch_size):
         batch_BT = tokens_NL[start: start + batch_size]
         rows = batch_BT.shape[0]
         if rows < batch_size:
             batch_BT = np.concatenate([batch_BT, np.zeros((batch_size - rows, t), np.int32)])
-        batch_BT = jax.device_put(batch_BT, sharding) if sharding is not None else jnp.asarray(batch_BT)
+        yield start, rows, jax.device_put(batch_BT, sharding) if sharding is not None else jnp.asarray(batch_BT)
+
+
+def per_token_losses(model, params, tokens_NL, batch_size: int, *, progress: bool = False,
+                     sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
+    """float32 [N, T - 1]: the loss at every token index of every example; column c is token index c + 1.
+
+    One jitted call per batch of `batch_size` examples (`padded_batches`, which `sharding` is passed to).
+    """
+    n, t = np.shape(tokens_NL)
+    out_NL = np.empty((n, t - 1), np.float32)
+    for start, rows, batch_BT in tqdm(padded_batches(tokens_NL, batch_size, sharding), total=-(-n // batch_size),
+                                      desc="per-token losses", unit="batch", disable=not progress):
         out_NL[start: start + rows] = np.asarray(_batch_losses(model, params, batch_BT))[:rows]
     return out_NL
 
@@ -127,22 +129,3 @@ def dloss_dlog_index(loss_by_index_I, n_bins: int = 32) -> tuple[np.ndarray, np.
     centres_B = np.asarray(centres)
     dloss_B = np.gradient(np.stack(binned, axis=-1), np.log(centres_B), axis=-1)
     return centres_B.astype(np.float32), dloss_B.astype(np.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "eval_cfg"))
-def probe(model, params, tokens_NL, prefix_tokens_BT, eval_cfg: EvalConfig) -> dict:
-    """The training loop's live probe, one jitted call: ICL score (+-icl_window) and prefix matching.
-
-    tokens_NL: a small fixed subset of the eval set; prefix_tokens_BT: from `heads.prefix_matching_tokens` (drawn
-    once, so successive probes are comparable). Returns {"icl": scalar, "prefix_max": scalar, "prefix": [L, H],
-    "prev_max": the largest previous-token score of any head on tokens_NL}.
-    """
-    early, late = icl_indices(tokens_NL.shape[1], eval_cfg.icl_early, eval_cfg.icl_late)
-    logits, cap = model.apply({"params": params}, tokens_NL, capture=("patterns",))
-    losses_NL = token_losses(logits, tokens_NL)
-    # Attention from each position to the one before it (the previous-token head forms before induction heads).
-    prev_LH = jnp.diagonal(cap["patterns"], offset=-1, axis1=-2, axis2=-1).mean(axis=(1, 3))
-    patterns_LBHQK = model.apply({"params": params}, prefix_tokens_BT, capture=("patterns",))[1]["patterns"]
-    prefix_LH = heads.prefix_matching_from_patterns(patterns_LBHQK, prefix_tokens_BT, 1 + eval_cfg.prefix_tokens)
-    return {"icl": icl_score(losses_NL, early, late, eval_cfg.icl_window), "prefix_max": prefix_LH.max(),
-            "prefix": prefix_LH, "prev_max": prev_LH.max()}

@@ -2,9 +2,9 @@
 
 Every evaluator scores all heads of all layers at once (one forward pass per batch, head axes kept in the einsums)
 and returns float32 [n_layers, n_heads]. The randomised ones average over `eval_cfg.draws` draws of random tokens
-from a caller-supplied sampler `sample(rng, shape) -> int array` (rng: a numpy Generator), so the data module's
-sampler, which leaves out the most and least common tokens of the corpus, plugs in; `uniform_sampler` is the
-plain default for tests and toy models.
+from a caller-supplied sampler `sample(rng, shape) -> int array` (rng: a numpy Generator), so a run's token pool
+(evalset.py), which leaves out the most and least common tokens of the corpus, plugs in; `uniform_sampler` is the
+plain default for tests and toy models. `score` computes any of the five measures of a snapshot (MEASURES).
 """
 
 from __future__ import annotations
@@ -17,14 +17,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import EvalConfig, ModelConfig
+from .evaluate import padded_batches
+from .model import stacked
 
 Sampler = Callable[[np.random.Generator, tuple], np.ndarray]
+# The head measures of an analysed snapshot, in the order of the results store's last axis.
+MEASURES = ("prefix_matching", "copying", "previous_token", "qk_trace", "ov_copying")
+
+
+def pool_sampler(pool_P: np.ndarray) -> Sampler:
+    """Uniform draws (int32) from the token ids in `pool_P`."""
+    pool_P = np.asarray(pool_P)
+    if pool_P.size == 0:
+        raise ValueError("pool_sampler: no tokens to draw from")
+    return lambda rng, shape: pool_P[rng.integers(0, pool_P.size, size=shape)].astype(np.int32)
 
 
 def uniform_sampler(vocab_size: int, exclude=()) -> Sampler:
     """Uniform draws over [0, vocab_size) minus `exclude` (e.g. the BOS id)."""
-    pool_P = np.setdiff1d(np.arange(vocab_size), np.asarray(exclude, dtype=np.int64))
-    return lambda rng, shape: pool_P[rng.integers(0, pool_P.size, size=shape)].astype(np.int32)
+    return pool_sampler(np.setdiff1d(np.arange(vocab_size), np.asarray(exclude, dtype=np.int64)))
 
 
 def _generator(rng) -> np.random.Generator:
@@ -84,47 +95,31 @@ def prefix_matching(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id
 
 # ----------------------------------------------------------------------------------------------------- copying
 
-def _layer_norm(x_BTD: jax.Array, ln: dict | None, cfg: ModelConfig) -> jax.Array:
-    """The model's LayerNorm, recomputed in float32 (identity when the model has none)."""
-    if not cfg.layer_norm:
-        return x_BTD
-    x = x_BTD - x_BTD.mean(-1, keepdims=True)
-    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.ln_eps)
-    return x * ln["scale"].astype(jnp.float32) + ln["bias"].astype(jnp.float32)
-
-
-def _stack(params: dict, cfg: ModelConfig, name: str) -> jax.Array:
-    return jnp.stack([params[f"block_{l}"]["attn"][name] for l in range(cfg.n_layers)]).astype(jnp.float32)
-
-
-def source_outputs(cfg: ModelConfig, params: dict, resid_LBTD: jax.Array) -> jax.Array:
+def source_outputs(params: dict, attn_in_LBTD: jax.Array) -> jax.Array:
     """[L, B, T, H, D]: what each head would write if it attended only to source position t, i.e. LN1(x_t) W_V W_O.
 
-    The head's result vector at query q is sum_t pattern[q, t] * this (positions never enter the value path, also
-    not with shortformer positions, so this is exact for every position scheme).
+    `attn_in_LBTD` is the model's "attn_inputs" capture (ln1's output at every layer). The head's result vector at
+    query q is sum_t pattern[q, t] * this (positions never enter the value path, also not with shortformer
+    positions, so this is exact for every position scheme).
     """
-    ln_in_LBTD = jnp.stack([_layer_norm(resid_LBTD[l].astype(jnp.float32), params[f"block_{l}"].get("ln1"), cfg)
-                            for l in range(cfg.n_layers)])
-    value_LBTHE = jnp.einsum("lbtd,ldhe->lbthe", ln_in_LBTD, _stack(params, cfg, "W_V"))
-    return jnp.einsum("lbthe,lhef->lbthf", value_LBTHE, _stack(params, cfg, "W_O"))
+    value_LBTHE = jnp.einsum("lbtd,ldhe->lbthe", attn_in_LBTD.astype(jnp.float32),
+                             stacked(params, "attn", "W_V").astype(jnp.float32))
+    return jnp.einsum("lbthe,lhef->lbthf", value_LBTHE, stacked(params, "attn", "W_O").astype(jnp.float32))
 
 
 def _direct_path(model, params, tokens_BT):
     """(o_LBKHD, pattern_LBHQK, inv_sigma_BQ): each head's per-source output in ln_final's frame (see `copying`),
     its attention pattern, and 1 / ln_final's normalisation at each query."""
     cfg = model.cfg
-    cap = model.apply({"params": params}, tokens_BT, capture=("patterns", "resid"))[1]
+    cap = model.apply({"params": params}, tokens_BT, capture=("patterns", "attn_inputs", "ln_scales"))[1]
     pattern_LBHQK = cap["patterns"].astype(jnp.float32)
-    resid_LBTD = cap["resid"].astype(jnp.float32)
     # BOS (position 0) is where idle heads rest: it is neither a source nor one of the sample's tokens.
-    out_LBKHD = source_outputs(cfg, params, resid_LBTD[:-1])[:, :, 1:]
+    out_LBKHD = source_outputs(params, cap["attn_inputs"])[:, :, 1:]
     if cfg.layer_norm:
         # Direct path through ln_final: the centring and learned scale act on the head's own vector; the
         # normalisation divides by the full residual's standard deviation at the query, sigma_q (the bias
         # belongs to no head).
-        final_BTD = resid_LBTD[-1]
-        final_BTD = final_BTD - final_BTD.mean(-1, keepdims=True)
-        inv_sigma_BQ = jax.lax.rsqrt((final_BTD * final_BTD).mean(-1) + cfg.ln_eps)
+        inv_sigma_BQ = cap["ln_scales"]["ln_final"].astype(jnp.float32)
         out_LBKHD = (out_LBKHD - out_LBKHD.mean(-1, keepdims=True)) * params["ln_final"]["scale"].astype(jnp.float32)
     else:
         inv_sigma_BQ = jnp.ones(tokens_BT.shape, jnp.float32)
@@ -249,13 +244,10 @@ def ov_circuits(params: dict, model_cfg: ModelConfig) -> np.ndarray:
     else:
         out_DD = np.eye(d)
     loop_DD = out_DD @ w_u_DV @ w_e_VD  # C diag(gamma_f) U_c E_c, shared by every head
-    circuits = []
-    for layer in range(model_cfg.n_layers):
-        attn = params[f"block_{layer}"]["attn"]
-        gamma_D = f64(params[f"block_{layer}"]["ln1"]["scale"]) if model_cfg.layer_norm else np.ones(d)
-        circuits.append(np.einsum("hed,dc,c,chf->hef", f64(attn["W_O"]), loop_DD, gamma_D, f64(attn["W_V"]),
-                                     optimize=True))
-    return np.stack(circuits)
+    w_o_LHED, w_v_LDHE = f64(stacked(params, "attn", "W_O")), f64(stacked(params, "attn", "W_V"))
+    gamma_LD = f64(stacked(params, "ln1", "scale")) if model_cfg.layer_norm else np.ones((model_cfg.n_layers, d))
+    return np.stack([np.einsum("hed,dc,c,chf->hef", w_o_LHED[layer], loop_DD, gamma_LD[layer], w_v_LDHE[layer],
+                               optimize=True) for layer in range(model_cfg.n_layers)])
 
 
 def ov_copying(params: dict, model_cfg: ModelConfig) -> np.ndarray:
@@ -277,12 +269,16 @@ def ov_copying(params: dict, model_cfg: ModelConfig) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- previous token
 
+def previous_token_from_patterns(patterns_LBHQK: jax.Array) -> jax.Array:
+    """[L, B, H]: each example's mean attention from position i to i - 1 over i >= 1. Jittable: the training
+    loop's live probe uses it too."""
+    return jnp.diagonal(patterns_LBHQK.astype(jnp.float32), offset=-1, axis1=-2, axis2=-1).mean(-1)
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _previous_token(model, params, tokens_BT):
     patterns_LBHQK = model.apply({"params": params}, tokens_BT, capture=("patterns",))[1]["patterns"]
-    t = tokens_BT.shape[1]
-    to_previous_LBHQ = patterns_LBHQK[..., jnp.arange(1, t), jnp.arange(0, t - 1)].astype(jnp.float32)
-    return to_previous_LBHQ.mean(-1)
+    return previous_token_from_patterns(patterns_LBHQK)
 
 
 def previous_token(model, params, tokens_NL, batch_size: int = 8) -> np.ndarray:
@@ -291,32 +287,25 @@ def previous_token(model, params, tokens_NL, batch_size: int = 8) -> np.ndarray:
     `tokens_NL` should be real text from the training distribution (e.g. the start of the eval set). The last
     batch is padded and the padding rows dropped, so every batch has one compiled shape.
     """
-    tokens_NL = np.asarray(tokens_NL, np.int32)
-    n, t = tokens_NL.shape
+    n, t = np.shape(tokens_NL)
     if t < 2:
         raise ValueError(f"previous_token: sequences need at least 2 tokens, got {t}")
     _check_length(model.cfg, t, "previous_token")
     total_LH = np.zeros((model.cfg.n_layers, model.cfg.n_heads), np.float64)
-    for start in range(0, n, batch_size):
-        batch_BT = tokens_NL[start: start + batch_size]
-        rows = batch_BT.shape[0]
-        if rows < batch_size:
-            batch_BT = np.concatenate([batch_BT, np.zeros((batch_size - rows, t), np.int32)])
-        per_example_LBH = np.asarray(_previous_token(model, params, jnp.asarray(batch_BT)))
-        total_LH += per_example_LBH[:, :rows].sum(axis=1)
+    for _, rows, batch_BT in padded_batches(tokens_NL, batch_size):
+        total_LH += np.asarray(_previous_token(model, params, batch_BT))[:, :rows].sum(axis=1)
     return (total_LH / n).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------- QK trace
 
-def _folded(params: dict, cfg: ModelConfig, layer: int, name: str) -> jax.Array:
-    """W_Q/W_K/W_V of `layer` [D, H, E] with ln1's centring and learned scale folded in (C diag(gamma) W)."""
-    w_DHE = params[f"block_{layer}"]["attn"][name].astype(jnp.float32)
+def _folded(params: dict, cfg: ModelConfig, name: str) -> jax.Array:
+    """W_Q/W_K/W_V of every layer [L, D, H, E] with ln1's centring and learned scale folded in (C diag(gamma) W)."""
+    w_LDHE = stacked(params, "attn", name).astype(jnp.float32)
     if not cfg.layer_norm:
-        return w_DHE
-    gamma_D = params[f"block_{layer}"]["ln1"]["scale"].astype(jnp.float32)
-    w_DHE = w_DHE * gamma_D[:, None, None]
-    return w_DHE - w_DHE.mean(axis=0, keepdims=True)  # C = I - 11^T/D, applied to the input side
+        return w_LDHE
+    w_LDHE = w_LDHE * stacked(params, "ln1", "scale").astype(jnp.float32)[:, :, None, None]
+    return w_LDHE - w_LDHE.mean(axis=1, keepdims=True)  # C = I - 11^T/D, applied to the input side
 
 
 def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndarray:
@@ -345,13 +334,14 @@ def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndar
     w_e_VD = params["W_E"].astype(jnp.float32)
     gram_DD = w_e_VD.T @ w_e_VD
     # The earlier heads' OV circuits, all layers stacked on a flat head axis g = (layer, head).
-    w_v_DGE = jnp.concatenate([_folded(params, model_cfg, l, "W_V") for l in range(n_layers - 1)], axis=1)
-    w_o_GED = jnp.concatenate([params[f"block_{l}"]["attn"]["W_O"].astype(jnp.float32)
-                               for l in range(n_layers - 1)], axis=0)
+    w_v_LDHE = _folded(params, model_cfg, "W_V")[:-1]
+    w_v_DGE = jnp.moveaxis(w_v_LDHE, 0, 1).reshape(w_v_LDHE.shape[1], -1, w_v_LDHE.shape[3])
+    w_o_LHED = stacked(params, "attn", "W_O")[:-1].astype(jnp.float32)
+    w_o_GED = w_o_LHED.reshape(-1, *w_o_LHED.shape[2:])
+    w_q_LDHE, w_k_LDHE = _folded(params, model_cfg, "W_Q"), _folded(params, model_cfg, "W_K")
     for layer in range(1, n_layers):
         g = layer * n_heads  # heads of layers 0..layer-1
-        w_q_DHE = _folded(params, model_cfg, layer, "W_Q")
-        w_k_DHE = _folded(params, model_cfg, layer, "W_K")
+        w_q_DHE, w_k_DHE = w_q_LDHE[layer], w_k_LDHE[layer]
         p1_HGEF = jnp.einsum("dhe,gfd->hgef", w_k_DHE, w_o_GED[:g])
         p2_GHFE = jnp.einsum("dgf,dc,che->ghfe", w_v_DGE[:, :g], gram_DD, w_q_DHE)
         trace_HG = jnp.einsum("hgef,ghfe->hg", p1_HGEF, p2_GHFE)
@@ -372,3 +362,31 @@ def induction_heads(prefix_LH, copying_LH, eval_cfg: EvalConfig) -> np.ndarray:
     prefix_LH, copying_LH = np.asarray(prefix_LH), np.asarray(copying_LH)
     with np.errstate(invalid="ignore"):
         return (prefix_LH > eval_cfg.prefix_threshold) & (copying_LH > eval_cfg.copying_threshold)
+
+
+# -------------------------------------------------------------------------------------------- every measure
+
+def score(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, seed: int, prev_tokens_NL,
+          measures=MEASURES) -> dict[str, np.ndarray]:
+    """{measure: float32 [L, H]} of one snapshot, for the named `measures` (all of MEASURES by default).
+
+    The random draws are seeded with `seed` (prefix matching) and `seed + 1` (copying), so every snapshot of a run
+    is scored on the same tokens. The previous-token score, which the QK trace weights by, reads `prev_tokens_NL`
+    (real text, e.g. the start of the eval set) in batches of `eval_cfg.batch_size`.
+    """
+    unknown = sorted(set(measures) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"score: unknown measures {unknown}; choose from {MEASURES}")
+    out = {}
+    if "prefix_matching" in measures:
+        out["prefix_matching"] = prefix_matching(model, params, eval_cfg, sample, bos_id,
+                                                 np.random.default_rng(seed))
+    if "copying" in measures:
+        out["copying"] = copying(model, params, eval_cfg, sample, bos_id, np.random.default_rng(seed + 1))
+    if {"previous_token", "qk_trace"} & set(measures):
+        out["previous_token"] = previous_token(model, params, prev_tokens_NL, batch_size=eval_cfg.batch_size)
+        if "qk_trace" in measures:
+            out["qk_trace"] = qk_trace(params, model.cfg, out["previous_token"])
+    if "ov_copying" in measures:
+        out["ov_copying"] = ov_copying(params, model.cfg)
+    return {m: out[m] for m in measures}

@@ -25,7 +25,8 @@ import numpy as np
 from . import attention
 from .config import ModelConfig
 
-CAPTURES = ("patterns", "head_results", "resid", "ln_scales")
+# attn_inputs: what each layer's heads read, ln1's output (the residual stream itself without LayerNorm).
+CAPTURES = ("patterns", "head_results", "resid", "ln_scales", "attn_inputs")
 # Mesh axes that split the batch (sharding.py builds meshes with these names); activations are constrained to them.
 BATCH_AXES = ("data", "fsdp")
 
@@ -168,7 +169,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, pos_TD, head_mask_H, pattern_BHQK, want_results: bool, ln_scales=(None, None),
                  fused: bool = False):
-        """(x after the block, pattern, head results, (ln1's, ln2's 1/sigma)); `ln_scales` freezes them."""
+        """(x after the block, pattern, head results, (ln1's, ln2's 1/sigma), the heads' input ln1(x));
+        `ln_scales` freezes the LayerNorms' normalisation."""
         ln1_BTD, s1_BT = LayerNorm(self.cfg, name="ln1")(x_BTD, ln_scales[0])
         attn_out, pattern, results = Attention(self.cfg, name="attn")(ln1_BTD, pos_TD, head_mask_H, pattern_BHQK,
                                                                       want_results, fused)
@@ -177,7 +179,7 @@ class Block(nn.Module):
         if self.cfg.d_mlp:
             ln2_BTD, s2_BT = LayerNorm(self.cfg, name="ln2")(x_BTD, ln_scales[1])
             x_BTD = x_BTD + MLP(self.cfg, name="mlp")(ln2_BTD)
-        return x_BTD, pattern, results, (s1_BT, s2_BT)
+        return x_BTD, pattern, results, (s1_BT, s2_BT), ln1_BTD
 
 
 # model.remat: which of a block's intermediates the backward pass keeps; the rest it recomputes from the block's
@@ -243,8 +245,8 @@ class Transformer(nn.Module):
         unknown = set(capture) - set(CAPTURES)
         if unknown:
             raise ValueError(f"capture: unknown {sorted(unknown)}; choose from {CAPTURES}")
-        x_BTD, pats, results, resid, scales = self._layers(first_layer, x_BTD, head_mask, patterns, capture,
-                                                           ln_scales)
+        x_BTD, pats, results, resid, scales, inputs = self._layers(first_layer, x_BTD, head_mask, patterns,
+                                                                   capture, ln_scales)
         want_results = "head_results" in capture
         logits_BTV, final_scale = self.unembed(x_BTD, None if ln_scales is None else ln_scales["ln_final"])
         if not capture:
@@ -256,6 +258,8 @@ class Transformer(nn.Module):
             out["head_results"] = jnp.stack(results)
         if "resid" in capture:
             out["resid"] = jnp.stack(resid)
+        if "attn_inputs" in capture:
+            out["attn_inputs"] = jnp.stack(inputs)
         if "ln_scales" in capture and cfg.layer_norm:
             out["ln_scales"] = {"ln1": jnp.stack([s[0] for s in scales]), "ln_final": final_scale}
             if cfg.d_mlp:
@@ -264,17 +268,18 @@ class Transformer(nn.Module):
 
     def _layers(self, first_layer: int, x_BTD, head_mask=None, patterns=None, capture: Sequence[str] = (),
                 ln_scales=None, fused: bool = False):
-        """(final residual stream, then per layer run: patterns, head results, residual inputs + final, LN scales)."""
+        """(final residual stream, then per layer run: patterns, head results, residual inputs + final, LN scales,
+        the heads' inputs)."""
         cfg = self.cfg
         pos_TD = self.positions(x_BTD.shape[1]) if cfg.positions == "shortformer" else None
-        pats, results, resid, scales = [], [], [], []
+        pats, results, resid, scales, inputs = [], [], [], [], []
         frozen_ln1 = frozen_ln2 = [None] * cfg.n_layers
         if ln_scales is not None:
             frozen_ln1, frozen_ln2 = ln_scales["ln1"], ln_scales.get("ln2", frozen_ln2)
         for layer in range(first_layer, cfg.n_layers):
             resid.append(x_BTD)
             frozen = (frozen_ln1[layer], frozen_ln2[layer])
-            x_BTD, pat, res, scale = self.blocks[layer](
+            x_BTD, pat, res, scale, attn_in = self.blocks[layer](
                 x_BTD, pos_TD,
                 None if head_mask is None else head_mask[layer],
                 None if patterns is None else patterns[layer],
@@ -283,8 +288,9 @@ class Transformer(nn.Module):
             pats.append(pat)
             results.append(res)
             scales.append(scale)
+            inputs.append(attn_in)
         resid.append(x_BTD)
-        return x_BTD, pats, results, resid, scales
+        return x_BTD, pats, results, resid, scales, inputs
 
     def losses(self, tokens_BT):
         """Per-token cross-entropy [B, T-1], equal to `token_losses(model(tokens), tokens)`: the training loss.
@@ -305,6 +311,13 @@ class Transformer(nn.Module):
 
 def make(cfg: ModelConfig) -> Transformer:
     return Transformer(cfg)
+
+
+def stacked(params: dict, module: str, name: str) -> jax.Array:
+    """One weight of every block stacked on a leading layer axis, e.g. ("attn", "W_V") -> [L, D, H, E] and
+    ("ln1", "scale") -> [L, D]: the per-layer weights as the head evaluators read them."""
+    n_layers = sum(key.startswith("block_") for key in params)
+    return jnp.stack([params[f"block_{layer}"][module][name] for layer in range(n_layers)])
 
 
 def _abstract_boxed(cfg: ModelConfig):

@@ -10,10 +10,11 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from . import atomic, data
 
 # Dense peak FLOP/s per chip: (bfloat16, float32). On NVIDIA GPUs XLA runs float32 matmuls as TF32 by default,
 # so their float32 figure is the TF32 tensor-core peak.
@@ -22,10 +23,6 @@ DATASHEET = {
     "TPU v4": (275e12, 275e12 / 2), "TPU v5 lite": (197e12, 197e12 / 2), "TPU v5e": (197e12, 197e12 / 2),
     "TPU v5p": (459e12, 459e12 / 2), "TPU v6 lite": (918e12, 918e12 / 2), "TPU v6e": (918e12, 918e12 / 2),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("INDUCTION_JAX_CACHE", Path.home() / ".cache" / "induction_jax"))
 
 
 def matmul_probe(n: int = 2048, repeats: int = 5) -> float:
@@ -51,7 +48,7 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
         return matmul_probe(4096), f"matmul probe on {dev.device_kind}"
     threads = os.environ.get("XLA_FLAGS", "")
     key = f"{platform.node()}|{os.cpu_count()}|{jax.__version__}|{threads}"
-    path = cache_dir() / "cpu_peak.json"
+    path = data.cache_root() / "cpu_peak.json"
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
@@ -60,7 +57,5 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
         pass
     flops = matmul_probe()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # processes sharing a home directory may probe at once
-    tmp.write_text(json.dumps({"key": key, "flops": flops}))
-    tmp.replace(path)
+    atomic.write(path, json.dumps({"key": key, "flops": flops}))  # processes sharing a cache may probe at once
     return flops, "float32 matmul probe"

@@ -20,17 +20,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-# Planning never runs anything on an accelerator; keeping jax's own backends to the CPU also stops libtpu from
-# probing for TPU chips the machine does not have.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import xla_bridge
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from . import cli, evaluate, peak, schedule, sharding, step as step_lib  # noqa: E402
-from . import model as model_lib  # noqa: E402
-from .config import Config, UserError  # noqa: E402
+from . import cli, evaluate, peak, schedule, sharding, step as step_lib
+from . import model as model_lib
+from .config import Config, UserError, first_line
 
 GIB = 2**30
 
@@ -73,11 +70,6 @@ def _chip(name: str) -> Chip:
     return CHIPS[key]
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def tpu_devices(topology: str) -> tuple[list, Chip]:
     """The devices of a named TPU slice (e.g. v5e:16x16, v5p:4x4x4), from libtpu's topology description."""
     prefix = topology.split(":")[0].lower()
@@ -101,7 +93,7 @@ def tpu_devices(topology: str) -> tuple[list, Chip]:
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as e:  # noqa: BLE001 - libtpu reports a bad name as one of several runtime error types
-        raise UserError(f"--topology {topology}: libtpu refused it ({_first_line(e)})") from None
+        raise UserError(f"--topology {topology}: libtpu refused it ({first_line(e, limit=300)})") from None
     return list(desc.devices), chip
 
 
@@ -136,7 +128,7 @@ def compile_or_oom(lowered):
         return lowered.compile()
     except Exception as e:  # noqa: BLE001 - jax's runtime error type
         if "RESOURCE_EXHAUSTED" in str(e):
-            raise DoesNotFit(_first_line(e).replace("RESOURCE_EXHAUSTED: ", "")) from None
+            raise DoesNotFit(first_line(e, limit=300).replace("RESOURCE_EXHAUSTED: ", "")) from None
         raise
 
 
@@ -297,7 +289,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m induction_jax.plan", description=__doc__.splitlines()[0],
                                      epilog="Example: python -m induction_jax.plan --config configs/full_40l.yaml "
                                             "--topology v5p:8x8x16")
-    cli.add_config_args(parser)
+    cli.add_config_args(parser, required=True)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--topology", help="TPU slice to compile for, e.g. v5e:16x16, v5p:4x4x4 (needs libtpu)")
     target.add_argument("--devices", type=int, help="compile for N fake CPU devices instead")
@@ -309,8 +301,10 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="also print the docs/scale.md table row")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.config is None:
-        raise UserError("--config is required (e.g. configs/full_40l.yaml)")
+    if "JAX_PLATFORMS" not in os.environ and not xla_bridge.backends_are_initialized():
+        # Planning runs nothing on an accelerator; keeping jax's own backends to the CPU also stops libtpu from
+        # probing for TPU chips the machine does not have.
+        jax.config.update("jax_platforms", "cpu")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu {args.mfu}: must be in (0, 1]")
     cfg = cli.config_from_args(args)
@@ -322,8 +316,6 @@ def main(argv=None) -> int:
     else:
         if args.devices < 1:
             raise UserError(f"--devices {args.devices}: must be >= 1")
-        from jax._src import xla_bridge
-
         # Set the count only in a process nobody has configured (the command line); a process that chose its own
         # (JAX_NUM_CPU_DEVICES, or a started backend) keeps it, and the plan runs in a fresh interpreter instead.
         if not xla_bridge.backends_are_initialized() and "JAX_NUM_CPU_DEVICES" not in os.environ:

@@ -7,14 +7,15 @@ claimed when that fall is under `MIN_IMPROVEMENT` nats.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from . import ablate, evaluate, heads, plots
-from .analyze import SECTION, RunContext
-from .store import MEASURES
+from . import ablation, evaluate, headplots, heads, metrics, plots
+from .config import UserError
+from .heads import MEASURES
+from .run import Run
+from .store import EVAL, ablation_name
 
 MIN_IMPROVEMENT = 0.1  # nats: single-snapshot noise on a 256-window eval set is ~0.05
 LO, HI = 0.2, 0.8
@@ -46,19 +47,9 @@ def detect_window(tokens_S, icl_S) -> dict | None:
 
 def training_loss(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens seen, training loss, learning rate) of every logged step, from metrics.jsonl."""
-    tok, loss, lr = [], [], []
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # the line a running (or killed) trainer is writing; resuming drops it
-                continue
-            if "loss" in rec:
-                tok.append(rec["tokens_seen"])
-                loss.append(rec["loss"])
-                lr.append(rec.get("lr", np.nan))
-    return np.asarray(tok, float), np.asarray(loss, float), np.asarray(lr, float)
+    recs = [r for r in metrics.read(run_dir) if "loss" in r]
+    return (np.asarray([r["tokens_seen"] for r in recs], float), np.asarray([r["loss"] for r in recs], float),
+            np.asarray([r.get("lr", np.nan) for r in recs], float))
 
 
 def smooth(y: np.ndarray, n: int) -> np.ndarray:
@@ -68,28 +59,32 @@ def smooth(y: np.ndarray, n: int) -> np.ndarray:
 
 
 class RunResults:
-    """One run's analysed arrays, in step order."""
+    """One run's analysed arrays (the eval section of its store), in step order; empty when nothing is analysed."""
 
-    def __init__(self, ctx: RunContext):
-        self.ctx = ctx
-        self.name = ctx.run_dir.name
-        recs = ctx.store.sorted_records(SECTION)
-        self.steps = np.array([r["step"] for r in recs])
+    def __init__(self, run: Run):
+        self.run = run
+        self.name = run.name
+        recs = run.store.sorted_records(EVAL)
+        self.steps = np.array([r["step"] for r in recs], int)
         self.tokens = np.array([r["tokens"] for r in recs], float)
-        self.icl = np.array([r["icl"] for r in recs])
-        self.icl_window = np.array([r["icl_window"] for r in recs])
-        self.eval_loss = np.array([r["eval_loss"] for r in recs])
-        self.losses_SNP = ctx.store.read(SECTION, "per_token_loss")
-        self.scores_SLHM = ctx.store.read(SECTION, "head_scores")
-        self.random_SN = np.stack([evaluate.random_token_view(x, ctx.random_index_N) for x in self.losses_SNP])
+        self.icl = np.array([r["icl"] for r in recs], float)
+        self.icl_window = np.array([r["icl_window"] for r in recs], float)
+        self.eval_loss = np.array([r["eval_loss"] for r in recs], float)
         self.window = detect_window(self.tokens, self.icl_window)
+        if not recs:
+            return
+        self.losses_SNP = run.store.read(EVAL, "per_token_loss")
+        self.scores_SLHM = run.store.read(EVAL, "head_scores")
+        random_index_N = run.eval_set()[1]
+        self.random_SN = np.stack([evaluate.random_token_view(x, random_index_N) for x in self.losses_SNP])
 
     def measure(self, name: str) -> np.ndarray:
         return self.scores_SLHM[..., MEASURES.index(name)]
 
     def induction_mask(self, i: int = -1) -> np.ndarray:
+        eval_cfg = self.run.config.eval
         return heads.induction_heads(self.measure("prefix_matching")[i],
-                                     self.measure(heads.copying_measure(self.ctx.cfg.eval))[i], self.ctx.cfg.eval)
+                                     self.measure(heads.copying_measure(eval_cfg))[i], eval_cfg)
 
 
 def joint_pca(results: list[RunResults]):
@@ -132,10 +127,10 @@ def _fmt_tokens(t: float) -> str:
 
 
 def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
-    early, late = r.ctx.icl_indices
+    early, late = r.run.icl_indices
     win = _win(r)
     name = r.name
-    tok_tr, loss_tr, _ = training_loss(r.ctx.run_dir)
+    tok_tr, loss_tr, _ = training_loss(r.run.path)
     if len(loss_tr):
         k = max(len(loss_tr) // 100, 1)
         plots.loss_curve(fig / f"{name}_loss", smooth(tok_tr, k), smooth(loss_tr, k), win,
@@ -146,11 +141,12 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
     centres, dloss = evaluate.dloss_dlog_index(r.losses_SNP.mean(1))
     plots.dloss_dlog_index(fig / f"{name}_dloss", r.tokens, centres, dloss, win, title=f"{name}")
     for m in ("prefix_matching", "ov_copying", "copying", "previous_token"):
-        plots.head_scores(fig / f"{name}_{m}", r.tokens, r.measure(m), m, win, title=f"{name}")
-    thr = (r.ctx.cfg.eval.prefix_threshold, r.ctx.cfg.eval.copying_threshold)
-    classifying = heads.copying_measure(r.ctx.cfg.eval)
+        headplots.measure_curves(fig / f"{name}_{m}", r.tokens, r.measure(m), m, win, title=f"{name}")
+    eval_cfg = r.run.config.eval
+    thr = (eval_cfg.prefix_threshold, eval_cfg.copying_threshold)
+    classifying = heads.copying_measure(eval_cfg)
     for m in ("ov_copying", "copying"):
-        plots.copying_vs_prefix(fig / f"{name}_scatter_{m}", r.measure("prefix_matching")[-1], r.measure(m)[-1],
+        headplots.copying_vs_prefix(fig / f"{name}_scatter_{m}", r.measure("prefix_matching")[-1], r.measure(m)[-1],
                                 thr, title=f"{name} at step {int(r.steps[-1])}"
                                 + (" (classifies induction heads)" if m == classifying else ""), measure=m)
     lines = [f"## {name}", ""]
@@ -166,7 +162,7 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
         lines.append(f"- **Phase-change window**: {_fmt_tokens(w['start_tokens'])} – {_fmt_tokens(w['end_tokens'])}"
                      f" tokens (steps {int(r.steps[i0])}–{int(r.steps[i1])}; {int(LO * 100)}–{int(HI * 100)}% of "
                      f"the ICL improvement of {w['total_improvement']:.3f} nats, windowed ±"
-                     f"{r.ctx.cfg.eval.icl_window}); steepest near {_fmt_tokens(w['steepest_tokens'])} tokens. ICL "
+                     f"{eval_cfg.icl_window}); steepest near {_fmt_tokens(w['steepest_tokens'])} tokens. ICL "
                      f"score before {r.icl[i0]:+.3f}, after {r.icl[i1]:+.3f}; max prefix matching "
                      f"{np.nanmax(r.measure('prefix_matching')[i0]):.2f} → "
                      f"{np.nanmax(r.measure('prefix_matching')[i1]):.2f}.")
@@ -202,8 +198,9 @@ def ablation_evidence(r: RunResults, before: int | None, after: int | None, kind
     ±`eval.icl_window` ICL score removed with its bootstrap standard error (on every ablation path stored), the
     share removed by ablating the induction heads together, and each head's share of the phase change undone
     (before-and-after attribution from step `before` to `after`)."""
-    section = ablate.section_name(kind, "total")
-    recs = r.ctx.store.sorted_records(section)
+    store = r.run.store
+    section = ablation_name(kind, "total")
+    recs = store.sorted_records(section)
     if not recs:
         return None
     last = recs[-1]
@@ -213,43 +210,51 @@ def ablation_evidence(r: RunResults, before: int | None, after: int | None, kind
     induction = last.get("induction") or r.induction_mask(list(r.steps).index(step)).tolist()
     out = {"step": step, "labels": labels, "clean_icl_window": last["clean_icl_window"],
            "induction": [lab for lab, (l, h) in zip(labels, last["heads"]) if induction[l][h]], "paths": {}}
-    for path in ablate.PATHS:
-        sec = ablate.section_name(kind, path)
-        if step not in r.ctx.store.steps(sec):
+    for path in ablation.PATHS:
+        sec = ablation_name(kind, path)
+        if step not in store.steps(sec):
             continue
-        share, se = ablate.shares(r.ctx.store.read(sec, "delta_icl_window", step),
-                                  r.ctx.store.read(sec, "icl_window", step))
+        share, se = ablation.shares(store.read(sec, "delta_icl_window", step), store.read(sec, "icl_window", step))
         out["paths"][path] = {"share": share[:n], "se": se[:n], "induction_share": float(share[n]),
                               "induction_se": float(se[n])}
     out["undone"] = None
-    steps = list(r.steps)
-    if before in steps and after in steps:
-        train_delta = r.random_SN[steps.index(after)] - r.random_SN[steps.index(before)]
-        att = ablate.attribution(r.ctx.store.read(section, "delta_random", step)[:n], train_delta)
+    att = attribution(r, before, after, step, n, kind)
+    if att is not None:
         out.update(undone=att["fraction_undone"], before=before, after=after)
     return out
+
+
+def attribution(r: RunResults, before: int | None, after: int | None, step: int, n: int,
+                kind: str = "pattern") -> dict | None:
+    """ablation.attribution of the first `n` lanes ablated at `step` against the training change of the
+    random-token losses from step `before` to `after`; None unless both are analysed."""
+    steps = list(r.steps)
+    if before not in steps or after not in steps:
+        return None
+    train_delta = r.random_SN[steps.index(after)] - r.random_SN[steps.index(before)]
+    return ablation.attribution(r.run.store.read(ablation_name(kind, "total"), "delta_random", step)[:n],
+                                train_delta)
 
 
 def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
                      before_after=(None, None)) -> list[str]:
     """Argument 3: each head's share of the ICL score removed (by path, with standard errors), the induction heads
     together, and the before-and-after attribution, at the last ablated snapshot; a heat map over snapshots."""
-    section = ablate.section_name(kind, "total")
-    recs = r.ctx.store.sorted_records(section)
+    recs = r.run.store.sorted_records(ablation_name(kind, "total"))
     if not recs:
         return []
     labels = [f"{l}.{h}" for l, h in recs[-1]["heads"]]
     tokens = np.array([x["tokens"] for x in recs], float)
     delta_icl = np.array([x["delta_icl"] for x in recs])
-    plots.ablation_heatmap(fig / f"{r.name}_ablation", tokens, delta_icl, labels, _win(r),
+    headplots.ablation_heatmap(fig / f"{r.name}_ablation", tokens, delta_icl, labels, _win(r),
                            title=f"{r.name}: {kind} ablation")
     before, after = before_after
     if before is None and r.window:
         before, after = int(r.steps[r.window["start_index"]]), int(r.steps[r.window["end_index"]])
     ev = ablation_evidence(r, before, after, kind)
     last = recs[-1]
-    paths = [p for p in ablate.PATHS if p in ev["paths"]]
-    window = r.ctx.cfg.eval.icl_window
+    paths = [p for p in ablation.PATHS if p in ev["paths"]]
+    window = r.run.config.eval.icl_window
     lines = [f"## Argument 3 — {r.name}: {kind}-preserving head ablations" if kind == "pattern"
              else f"## {r.name}: full head ablations", ""]
     lines.append(f"At step {ev['step']} the clean ICL score is {last['clean_icl']:+.3f} nats at single indices and "
@@ -272,11 +277,9 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
         lines += ["", f"**Ablating all induction heads together ({', '.join(ev['induction']) or 'none'}) removes "
                       f"{together} of the windowed ICL score.**"]
     if ev["undone"] is not None:
-        steps = list(r.steps)
-        train_delta = r.random_SN[steps.index(after)] - r.random_SN[steps.index(before)]
-        att = ablate.attribution(r.ctx.store.read(section, "delta_random", ev["step"])[: len(labels)], train_delta)
+        att = attribution(r, before, after, ev["step"], len(labels), kind)
         ind_m = np.array([lab in ev["induction"] for lab in labels])
-        plots.attribution_scatter(fig / f"{r.name}_attribution", att["cosine"], att["fraction_undone"], labels,
+        headplots.attribution_scatter(fig / f"{r.name}_attribution", att["cosine"], att["fraction_undone"], labels,
                                   ind_m, title=f"{r.name}: step {before} → {after}")
         lines.append("")
         lines.append(f"Before-and-after attribution (training change from step {before} to {after}, ablations at "
@@ -290,32 +293,40 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
     return lines
 
 
-def write(contexts: list[RunContext], out: Path | None = None, before_after=(None, None)) -> Path:
-    """Writes figures, tables and report.md; returns the report's path."""
-    results = [RunResults(c) for c in contexts if c.store.steps(SECTION)]
-    if not results:
-        raise ValueError("nothing analysed yet")
-    out = Path(out) if out else (contexts[0].store.dir.parent if len(contexts) == 1 else
-                                 contexts[0].run_dir.parent / "analysis")
+def write(runs: list[Run], out: Path | None = None, before_after=(None, None)) -> Path:
+    """Writes figures, tables and report.md from what the runs' stores hold (analysed snapshots, ablations or
+    both); returns the report's path."""
+    results = [RunResults(run) for run in runs]
+    analysed = [r for r in results if len(r.steps)]
+    shown = [r for r in results if len(r.steps) or
+             any(r.run.store.steps(ablation_name(kind)) for kind in ablation.KINDS)]
+    if not shown:
+        raise UserError(f"{', '.join(str(run.path) for run in runs)}: nothing analysed or ablated yet")
+    out = Path(out) if out else (runs[0].analysis_dir if len(runs) == 1 else runs[0].path.parent / "analysis")
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        write_tables(r, r.ctx.store.dir)
-    early, late = results[0].ctx.icl_indices
-    plots.icl_curve(fig / "icl", {r.name: (r.tokens, r.icl_window) for r in results},
-                    {r.name: _win(r) for r in results if r.window} or None, indices=(early, late),
-                    title="ICL score (±window average)")
+    for r in analysed:
+        write_tables(r, r.run.store.dir)
     lines = ["# In-context learning and induction heads: report", ""]
-    lines.append(f"Runs: {', '.join(r.name for r in results)}. Eval set hash `{contexts[0].eval_hash[:16]}`.")
-    lines += ["", "![ICL score vs training tokens](figures/icl.png)", ""]
-    if sum(len(r.steps) for r in results) >= 3:
-        proj, explained = joint_pca(results)
-        plots.pca_trajectories(fig / "pca", {r.name: (r.tokens, p) for r, p in zip(results, proj)},
-                               {r.name: _win(r) for r in results if r.window} or None, explained_variance=explained)
+    lines.append(f"Runs: {', '.join(r.name for r in shown)}. Eval set hash `{runs[0].eval.eval_hash[:16]}`.")
+    if analysed:
+        early, late = analysed[0].run.icl_indices
+        plots.icl_curve(fig / "icl", {r.name: (r.tokens, r.icl_window) for r in analysed},
+                        {r.name: _win(r) for r in analysed if r.window} or None, indices=(early, late),
+                        title="ICL score (±window average)")
+        lines += ["", "![ICL score vs training tokens](figures/icl.png)", ""]
+    else:
+        lines += ["", "No snapshot is analysed yet (python -m induction_jax.analyze adds the ICL score, the head "
+                      "measures and the figures over training).", ""]
+    if sum(len(r.steps) for r in analysed) >= 3:
+        proj, explained = joint_pca(analysed)
+        plots.pca_trajectories(fig / "pca", {r.name: (r.tokens, p) for r, p in zip(analysed, proj)},
+                               {r.name: _win(r) for r in analysed if r.window} or None, explained_variance=explained)
         lines += [f"Joint PCA of the random-token loss vectors (PC1 {explained[0]:.0%}, PC2 {explained[1]:.0%} of "
                   "variance):", "", "![PCA trajectories](figures/pca.png)", ""]
-    for r in results:
-        lines += run_section(r, fig, "figures")
+    for r in shown:
+        if len(r.steps):
+            lines += run_section(r, fig, "figures")
         lines += ablation_section(r, fig, "figures", "pattern", before_after)
         lines += ablation_section(r, fig, "figures", "full", before_after)
     path = out / "report.md"

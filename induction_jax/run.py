@@ -1,90 +1,156 @@
-"""The scripting API: open a run directory and read its snapshots and analysis results from a notebook.
+"""A training run directory as one object, and the scripting API: its config, committed snapshots, eval set and
+stored analysis results.
 
     from induction_jax import Run
     run = Run.open("runs/attn_only_2l")
     params = run.params(run.steps[-1])
     logits, cap = run.model.apply({"params": params}, tokens, capture=("patterns",))
+
+Opening a run reads config.yaml only. The eval set comes from the run directory (evalset.py) on first use; only a
+run directory that predates it reads the prepared data, the data cache, then.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from . import evaluate
-from .analyze import SECTION, RunContext
-from .config import UserError
-from .store import MEASURES
+from . import checkpoint, evalset, evaluate, heads
+from . import config as config_lib
+from . import model as model_lib
+from .config import Config, UserError
+from .store import EVAL, Store, store_key
 
 
 class Run:
-    """A training run directory: config, committed snapshots, eval set and whatever analysis has been stored."""
+    """A run directory: config, committed snapshots, eval set, and the results store under its analysis directory
+    (RUN_DIR/analysis unless `analysis_dir` says otherwise). Snapshots restore onto this process's devices,
+    whatever mesh trained them."""
 
-    def __init__(self, ctx: RunContext):
-        self._ctx = ctx
+    def __init__(self, path: str | Path, analysis_dir: str | Path | None = None, *, progress: bool = False):
+        self.path = Path(path)
+        self.reader = checkpoint.SnapshotReader(self.path)  # RunDirError if it is not a run
+        cfg_path = self.path / "config.yaml"
+        if not cfg_path.exists():
+            raise checkpoint.RunDirError(f"{self.path}: not a run directory (no config.yaml)")
+        self.config: Config = config_lib.load(cfg_path)
+        self.model = model_lib.make(self.config.model)
+        self.analysis_dir = Path(analysis_dir) if analysis_dir else self.path / "analysis"
+        self.progress = progress  # of the data preparation an old run directory may need
+        self._eval: evalset.EvalSet | None = None
+        self._store: Store | None = None
+        # Eval batches are split over this process's devices; params are replicated on them.
+        devices = jax.local_devices()
+        self.mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+        self.eval_batch = -(-self.config.eval.batch_size // len(devices)) * len(devices)
 
     @classmethod
-    def open(cls, path: str | Path, analysis_dir: str | Path | None = None) -> "Run":
-        return cls(RunContext(path, analysis_dir, progress=False))
+    def open(cls, path: str | Path, analysis_dir: str | Path | None = None, *, progress: bool = False) -> "Run":
+        return cls(path, analysis_dir, progress=progress)
 
     @property
-    def path(self) -> Path:
-        return self._ctx.run_dir
+    def name(self) -> str:
+        return self.path.name
 
-    @property
-    def config(self):
-        return self._ctx.cfg
-
-    @property
-    def model(self):
-        """The flax module: `model.apply({"params": p}, tokens, head_mask=, patterns=, capture=)`."""
-        return self._ctx.model
-
+    # -- snapshots -----------------------------------------------------------------------------------------
     @property
     def steps(self) -> list[int]:
         """Committed snapshot steps (a snapshot still being written never appears)."""
-        return self._ctx.reader.steps()
+        return self.reader.steps()
 
     def tokens_at(self, step: int) -> int:
-        return self._ctx.tokens_at(step)
+        return int(self.reader.metadata(step)["tokens_seen"])
 
     def params(self, step: int):
-        """The snapshot's parameters, restored onto this process's devices."""
-        return self._ctx.params(step)
+        """The snapshot's parameters, replicated on this process's devices."""
+        abstract = model_lib.abstract_params(self.config.model)
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
+        return self.reader.restore(step, target)
+
+    def check_steps(self, steps=None) -> None:
+        """Refuses a run with no committed snapshot, and asked-for steps that have none."""
+        committed = self.steps
+        if not committed:
+            raise UserError(f"{self.path}: nothing committed yet (no snapshot); run again once training has saved "
+                            "one")
+        missing = sorted(set(steps or ()) - set(committed))
+        if missing:
+            shown = committed if len(committed) <= 8 else committed[:3] + ["..."] + committed[-3:]
+            raise UserError(f"{self.path}: no committed snapshot at step(s) {', '.join(map(str, missing))} "
+                            f"(committed: {', '.join(map(str, shown))})")
+
+    # -- eval set ------------------------------------------------------------------------------------------
+    @property
+    def eval(self) -> evalset.EvalSet:
+        """The eval set and the head evaluators' token pool (evalset.py), read on first use."""
+        if self._eval is None:
+            self._eval = evalset.for_run(self.path, self.config, self.progress)
+        return self._eval
 
     def eval_set(self) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [N, L], random token index per example [N]) — the fixed eval set every snapshot is scored on."""
-        return self._ctx.tokens_NL, self._ctx.random_index_N
+        return self.eval.tokens_NL, self.eval.random_index_N
+
+    @property
+    def icl_indices(self) -> tuple[int, int]:
+        """(early, late) token indices of the ICL score for this run's eval windows."""
+        return evaluate.icl_indices(self.eval.tokens_NL.shape[1], self.config.eval.icl_early,
+                                    self.config.eval.icl_late)
+
+    # -- measuring a snapshot now ------------------------------------------------------------------------
+    def losses(self, params) -> np.ndarray:
+        """[N, L-1] per-token losses of `params` on the eval set, batches split over this process's devices."""
+        batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("batch"))
+        return evaluate.per_token_losses(self.model, params, self.eval.tokens_NL, self.eval_batch, sharding=batch)
+
+    def measure_heads(self, params, measures=heads.MEASURES) -> dict[str, np.ndarray]:
+        """{measure: [layers, heads]} of `params` (heads.score): the random draws use the same seed at every
+        snapshot, and the previous-token score reads the first 64 eval windows."""
+        es = self.eval
+        return heads.score(self.model, params, self.config.eval, es.sampler(), es.bos_id,
+                           self.config.data.eval_seed, es.tokens_NL[:64], measures)
+
+    def score_heads(self, step: int) -> dict[str, np.ndarray]:
+        """Computes the head measures of one snapshot now: {measure: [layers, heads]}."""
+        return self.measure_heads(self.params(step))
+
+    # -- stored results ----------------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        """The results store, keyed by the eval set's hash and the analysis version (store.py)."""
+        if self._store is None:
+            self._store = Store(self.analysis_dir, store_key(self.eval.eval_hash))
+        return self._store
+
+    def pending_steps(self, section: str, steps=None) -> list[int]:
+        """Committed steps (of `steps`, when given) that `section` of the store does not hold yet."""
+        done = set(self.store.steps(section))
+        return [s for s in self.steps if s not in done and (steps is None or s in set(steps))]
 
     def per_token_losses(self, step: int) -> np.ndarray:
         """[N, L-1] losses on the eval set (column c = token index c+1); from the store when analysed."""
-        if step in self._ctx.store.steps(SECTION):
-            return self._ctx.store.read(SECTION, "per_token_loss", step)
-        return evaluate.per_token_losses(self.model, self.params(step), self._ctx.tokens_NL,
-                                         self.config.eval.batch_size)
-
-    def score_heads(self, step: int) -> dict[str, np.ndarray]:
-        """Computes the four head measures of one snapshot now: {measure: [layers, heads]}."""
-        from .analyze import head_scores
-        scores = head_scores(self._ctx, self.params(step))
-        return {m: scores[..., i] for i, m in enumerate(MEASURES)}
+        if step in self.store.steps(EVAL):
+            return self.store.read(EVAL, "per_token_loss", step)
+        return self.losses(self.params(step))
 
     def icl_scores(self) -> dict[int, float]:
         """{step: ICL score} over analysed snapshots (run `python -m induction_jax.analyze` first)."""
-        return {r["step"]: r["icl"] for r in self._ctx.store.sorted_records(SECTION)}
+        return {r["step"]: r["icl"] for r in self.store.sorted_records(EVAL)}
 
     def head_scores(self, tidy: bool = False):
-        """Analysed head measures: (steps [S], scores [S, L, H, M], MEASURES), or a list of tidy row dicts."""
-        steps = self._ctx.store.sorted_steps(SECTION)
+        """Analysed head measures: (steps [S], scores [S, L, H, M], heads.MEASURES), or a list of tidy row dicts."""
+        steps = self.store.sorted_steps(EVAL)
         if not steps:
             raise UserError(f"{self.path}: no analysed snapshots; run python -m induction_jax.analyze {self.path}")
-        scores = self._ctx.store.read(SECTION, "head_scores")
+        scores = self.store.read(EVAL, "head_scores")
         if not tidy:
-            return np.asarray(steps), scores, MEASURES
+            return np.asarray(steps), scores, heads.MEASURES
         return [{"step": s, "layer": layer, "head": h, "measure": m, "value": float(scores[i, layer, h, j])}
                 for i, s in enumerate(steps) for layer in range(scores.shape[1])
-                for h in range(scores.shape[2]) for j, m in enumerate(MEASURES)]
+                for h in range(scores.shape[2]) for j, m in enumerate(heads.MEASURES)]
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, {len(self.steps)} snapshots)"

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from .config import ConfigError, MeshConfig, ModelConfig, UserError
+from .config import ConfigError, MeshConfig, ModelConfig, UserError, first_line
 from . import model as model_lib
 
 AXES = ("data", "fsdp", "tensor")
@@ -140,7 +140,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     except (RuntimeError, ValueError) as e:
         where = coordinator or "auto-detected cluster"
         raise UserError(f"jax.distributed.initialize ({where}) failed within {timeout_s} s: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                        f"{first_line(e)}") from None
     log.info("process %d of %d joined", jax.process_index(), jax.process_count())
     return True
 
@@ -162,7 +162,7 @@ def barrier(name: str, timeout_s: float) -> None:
     try:
         distributed.global_state.client.wait_at_barrier(key, int(timeout_s * 1000))
     except Exception as e:  # noqa: BLE001 - the client raises XlaRuntimeError subclasses that vary by version
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        detail = first_line(e)
         raise BarrierTimeout(f"process {jax.process_index()} of {jax.process_count()}: gave up after {timeout_s:.0f} s "
                              f"waiting for every process at barrier '{name}' ({detail})") from None
 

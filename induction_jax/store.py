@@ -9,28 +9,28 @@ hash and the analysis code version, so results of another eval set or older code
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
 
+from . import atomic
+
 ANALYSIS_VERSION = 2
-MEASURES = ("prefix_matching", "copying", "previous_token", "qk_trace", "ov_copying")
+EVAL = "eval"  # per snapshot: per-token losses, ICL scores, head measures (heads.MEASURES)
+
+
+def ablation_name(kind: str = "pattern", path: str = "total") -> str:
+    """The section of one kind of head ablation (ablation.KINDS) along one path (ablation.PATHS)."""
+    return f"ablation-{kind}" if path == "total" else f"ablation-{kind}-{path}"
 
 
 def store_key(eval_hash: str) -> str:
     return f"eval-{eval_hash[:16]}-v{ANALYSIS_VERSION}"
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
 class Store:
-    """Results of one run under `root/<key>/`. Sections ("eval", "ablation-pattern", ...) are separate indices."""
+    """Results of one run under `root/<key>/`. Sections (EVAL, `ablation_name(...)`) are separate indices."""
 
     def __init__(self, root: str | Path, key: str):
         # Created by the first write, not here: reading a run's results must work on a read-only run directory.
@@ -88,7 +88,7 @@ class Store:
             idx["records"].append({"step": step, **record})
         else:
             idx["records"][slot] = {"step": step, **record}
-        _write_json(self._index_path(section), idx)
+        atomic.write(self._index_path(section), json.dumps(idx, indent=1, sort_keys=True))
 
     def read(self, section: str, name: str, step: int | None = None) -> np.ndarray:
         """[S, ...] over committed slots in step order, or one slot's array when `step` is given."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import fcntl
-import json
 import math
 import os
 import signal
@@ -22,13 +21,13 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, cli, data, evaluate, heads, logs, peak, schedule, sharding, step as step_lib
+from . import atomic, checkpoint, cli, data, evalset, logs, metrics, peak, schedule, sharding, step as step_lib
 from . import config as config_lib
 from . import model as model_lib
-from .config import Config, UserError
+from .config import Config, UserError, first_line
+from .probe import Prober
 
 DEFAULT_CONFIG = "configs/cpu/attn_only_2l.yaml"
 SYNC_TIMEOUT_S = 600  # barriers between steps of the same run: every process is alive and doing the same work
@@ -36,7 +35,7 @@ SYNC_TIMEOUT_S = 600  # barriers between steps of the same run: every process is
 PREPARE_TIMEOUT_S = float(os.environ.get("INDUCTION_JAX_PREPARE_TIMEOUT", 6 * 3600))
 LOG_FILE = "train.log"  # what Orbax and friends log, kept out of the terminal (logs.py)
 # Files a trainer may leave in a run directory before its first save.
-_EARLY_FILES = ("config.yaml", checkpoint.LOCK_FILE, LOG_FILE)
+_EARLY_FILES = ("config.yaml", evalset.FILE, checkpoint.LOCK_FILE, LOG_FILE)
 
 
 class DivergedError(UserError):
@@ -91,27 +90,6 @@ class RunLock:
             self.fd = None
 
 
-class Prober:
-    """Live phase-change probes: windowed ICL score on a fixed eval subset and the max prefix-matching score."""
-
-    def __init__(self, cfg: Config, prepared, mesh):
-        tokens_NL, _ = prepared.eval_set()
-        # Replicated over the whole mesh: the params span every process's devices, so must the probe's inputs.
-        rep = sharding.replicated(mesh)
-        self.tokens = jax.device_put(tokens_NL[: cfg.train.probe_examples], rep)
-        sample = lambda rng, shape: prepared.random_tokens(rng, shape, cfg.eval.exclude_common)
-        # Drawn once, so successive probes measure the same sequences.
-        rng = np.random.default_rng(cfg.data.eval_seed)
-        self.prefix = jax.device_put(heads.prefix_matching_tokens(cfg.eval, sample, prepared.bos_id, rng), rep)
-        self.model = model_lib.make(cfg.model)
-        self.eval_cfg = cfg.eval
-
-    def __call__(self, params) -> dict:
-        out = jax.device_get(evaluate.probe(self.model, params, self.tokens, self.prefix, self.eval_cfg))
-        return {"probe_icl": float(out["icl"]), "probe_max_prefix": float(out["prefix_max"]),
-                "probe_max_prev_token": float(out["prev_max"])}
-
-
 def default_run_dir(config_path: str | None) -> Path:
     return Path("runs") / (Path(config_path).stem if config_path else "default")
 
@@ -128,18 +106,15 @@ def check_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
     record_config(run_dir, cfg)
 
 
-def record_config(run_dir: Path, cfg: Config) -> None:
-    """Process 0 writes config.yaml atomically (a reader sees the old file or the new one, whole)."""
+def record_config(run_dir: Path, cfg: Config, es: evalset.EvalSet | None = None) -> None:
+    """Process 0 writes the eval set (when given) and then config.yaml, each atomically (a reader sees the old file
+    or the new one, whole): a directory with config.yaml has its eval set."""
     if not sharding.is_main_process():
         return
-    saved = run_dir / "config.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_name(f".config.yaml.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(config_lib.to_yaml(cfg))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(saved)
+    if es is not None:
+        evalset.save(run_dir, es)
+    atomic.write(run_dir / "config.yaml", config_lib.to_yaml(cfg), durable=True)
 
 
 def _validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
@@ -152,7 +127,7 @@ def _validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
                 f"{saved}: this run was made with a different config ({'; '.join(changed)}); "
                 "pass --override-config to continue with the new one")
     elif run_dir.exists() and any(p.name not in _EARLY_FILES for p in run_dir.iterdir()):
-        if not (run_dir / "snapshots").exists() and not (run_dir / "state").exists():
+        if not (run_dir / checkpoint.SNAPSHOTS_DIR).exists() and not (run_dir / checkpoint.STATE_DIR).exists():
             raise UserError(f"{run_dir}: exists and is not a run directory (no config.yaml); choose another")
 
 
@@ -183,7 +158,7 @@ def _restore(resume: checkpoint.ResumeCheckpointer, step: int, trainer, run_dir:
             state, extra = resume.restore(step, trainer.abstract_state)
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for a mismatched or damaged state
         raise UserError(f"{path}: cannot restore the resume state with this config "
-                        f"({checkpoint._first_line(e)}); config.yaml is unchanged") from None
+                        f"({first_line(e, with_type=True)}); config.yaml is unchanged") from None
     if not checkpoint.all_finite(state):
         raise DivergedError(f"{path}: the resume state holds NaN or infinite values; delete that directory to "
                             "resume from an earlier one")
@@ -211,47 +186,6 @@ def prepare_data(cfg: Config, progress: bool):
     return prepared
 
 
-def _record(line: str) -> dict:
-    """A metrics line as a dict; a blank or torn one (a kill in the middle of a write) sorts past every step, so
-    that it is dropped."""
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return {"step": math.inf}
-    return rec if isinstance(rec, dict) else {"step": math.inf}
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard, written by process 0; a resumed run drops lines past its restored step."""
-
-    def __init__(self, run_dir: Path, start_step: int):
-        self.enabled = sharding.is_main_process()
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not self.enabled:
-            return
-        if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if _record(ln).get("step", 0) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        self.file = self.path.open("a")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
-
-
 def train(cfg: Config, run_dir: Path, *, override_config: bool = False, progress: bool = True) -> dict:
     """Trains (or resumes) the run in `run_dir`; returns a summary dict (final step, loss, preempted...).
 
@@ -276,8 +210,9 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
     loader = data.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
-    prober = Prober(cfg, prepared, mesh) if cfg.train.probe_every else None
-    resume = checkpoint.ResumeCheckpointer(run_dir / "state")
+    es = evalset.from_prepared(prepared, cfg.eval.exclude_common)
+    prober = Prober(cfg, es, mesh) if cfg.train.probe_every else None
+    resume = checkpoint.ResumeCheckpointer(run_dir / checkpoint.STATE_DIR)
     start = resume.latest_step()
     try:
         if start is not None:
@@ -287,8 +222,8 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     except BaseException:
         resume.close()
         raise
-    record_config(run_dir, cfg)
-    snaps = checkpoint.SnapshotWriter(run_dir / "snapshots")
+    record_config(run_dir, cfg, es)
+    snaps = checkpoint.SnapshotWriter(run_dir / checkpoint.SNAPSHOTS_DIR)
     total = cfg.train.steps
     snapshot_at = set(schedule.snapshot_steps(cfg.snapshots, total))
 
@@ -299,7 +234,7 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     else:
         start, wall_offset = 0, 0.0
         state = trainer.init_fn(jax.random.key(cfg.train.seed))
-    log = MetricsLog(run_dir, start)
+    log = metrics.MetricsLog(run_dir, start)
     flops_tok = step_lib.flops_per_token(cfg)
     peak_flops, _ = peak.device_peak(cfg.model.dtype)
     peak_total = peak_flops * jax.device_count()
@@ -361,10 +296,10 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
         with jax.set_mesh(mesh):
             for s in range(start, total):
                 batch = loader.device_batch(s, trainer.batch_sharding)
-                state, metrics = trainer.step_fn(state, batch)
+                state, step_metrics = trainer.step_fn(state, batch)
                 flush()  # the previous step's metrics: by now they are ready or nearly so
                 done = s + 1
-                pending = (done, metrics)
+                pending = (done, step_metrics)
                 preempted = resume.reached_preemption(done)
                 is_snap = done in snapshot_at
                 is_resume = done % cfg.train.resume_every == 0 or done == total or preempted
@@ -418,7 +353,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name>)")
     parser.add_argument("--override-config", action="store_true",
                         help="continue a run directory even though its config differs")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_progress_arg(parser)
     multi = parser.add_argument_group("multi-host (TPU VMs and SLURM are detected without these)")
     multi.add_argument("--coordinator", metavar="HOST:PORT",
                        help="process 0's address (or env INDUCTION_JAX_COORDINATOR)")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from induction_jax import ablate, config, model
+from induction_jax import ablate, ablation, config, model
 
 CFG = config.ModelConfig(n_layers=2, d_model=32, n_heads=4, context=12, vocab_size=50, init_std=0.3)
 
@@ -21,21 +21,21 @@ def _tokens(b=3, t=12, v=50, seed=0):
 def test_all_ones_mask_is_the_clean_run():
     cfg, m, p = _setup()
     toks = _tokens()
-    clean = ablate.clean_run(m, p, toks)
-    for kind in ablate.KINDS:
-        out = ablate.ablated_losses(m, p, toks, np.ones((1, 2, 4)), kind=kind, clean=clean)
+    clean = ablation.clean_run(m, p, toks)
+    for kind in ablation.KINDS:
+        out = ablation.ablated_losses(m, p, toks, np.ones((1, 2, 4)), kind=kind, clean=clean)
         np.testing.assert_allclose(out[0], clean[0], atol=1e-6)
 
 
 def test_vmapped_lanes_equal_one_at_a_time():
     cfg, m, p = _setup(d_mlp=64)
     toks = _tokens()
-    masks = ablate.single_head_masks(2, 4)
+    masks = ablation.single_head_masks(2, 4)
     masks = np.concatenate([masks, np.ones((1, 2, 4)), np.zeros((1, 2, 4))])
-    for kind in ablate.KINDS:
-        lanes = ablate.ablated_losses(m, p, toks, masks, kind=kind)
+    for kind in ablation.KINDS:
+        lanes = ablation.ablated_losses(m, p, toks, masks, kind=kind)
         for i, mask in enumerate(masks):
-            one = ablate.single_mask_losses(m, p, toks, jnp.asarray(mask), kind=kind)
+            one = ablation.single_mask_losses(m, p, toks, jnp.asarray(mask), kind=kind)
             np.testing.assert_allclose(lanes[i], one, atol=2e-6, rtol=1e-6)
 
 
@@ -76,7 +76,7 @@ def test_pattern_preserving_equals_removing_every_path_through_the_head():
         expect = _expanded_logits_without(p, toks, cap["patterns"], (layer, h))
         np.testing.assert_allclose(np.asarray(logits, np.float64), expect, atol=1e-5)
         # and the vmapped job gives the same per-token losses
-        lanes = ablate.ablated_losses(m, p, toks, mask[None])
+        lanes = ablation.ablated_losses(m, p, toks, mask[None])
         ref = model.token_losses(jnp.asarray(expect, jnp.float32), toks)
         np.testing.assert_allclose(lanes[0], ref, atol=1e-5)
 
@@ -86,19 +86,19 @@ def test_full_and_pattern_preserving_differ_when_a_later_head_reads_the_ablated_
     toks = _tokens()
     mask = np.ones((1, 2, 4), np.float32)
     mask[0, 0, 0] = 0  # layer-0 head: layer-1 queries/keys read its output, so full ablation moves patterns
-    pattern = ablate.ablated_losses(m, p, toks, mask, kind="pattern")
-    full = ablate.ablated_losses(m, p, toks, mask, kind="full")
+    pattern = ablation.ablated_losses(m, p, toks, mask, kind="pattern")
+    full = ablation.ablated_losses(m, p, toks, mask, kind="full")
     assert np.abs(np.asarray(pattern - full)).max() > 1e-3
     mask = np.ones((1, 2, 4), np.float32)
     mask[0, 1, 0] = 0  # last layer: nothing downstream reads it, so both kinds agree
-    np.testing.assert_allclose(ablate.ablated_losses(m, p, toks, mask, kind="pattern"),
-                               ablate.ablated_losses(m, p, toks, mask, kind="full"), atol=1e-6)
+    np.testing.assert_allclose(ablation.ablated_losses(m, p, toks, mask, kind="pattern"),
+                               ablation.ablated_losses(m, p, toks, mask, kind="full"), atol=1e-6)
 
 
 def test_attribution_cosine_and_fraction():
     train = np.array([-1.0, -1.0, 0.0, 0.0])
     abl = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [-0.5, -0.5, 0.0, 0.0]])
-    out = ablate.attribution(abl, train)
+    out = ablation.attribution(abl, train)
     np.testing.assert_allclose(out["cosine"], [1.0, 0.0, -1.0], atol=1e-9)
     np.testing.assert_allclose(out["fraction_undone"], [1.0, 0.0, -0.5], atol=1e-9)
 
@@ -115,11 +115,11 @@ def test_planted_circuit_ablating_the_induction_head_removes_icl():
     half = np.stack([rng.permutation(64)[:60] for _ in range(4)])
     toks = jnp.asarray(np.concatenate([half, half], axis=1), jnp.int32)  # repeated random text, T = 120
     early, late = 30, 100  # first repeat vs second repeat
-    clean = np.asarray(ablate.clean_run(m, p, toks)[0])
+    clean = np.asarray(ablation.clean_run(m, p, toks)[0])
     icl_clean = evaluate.icl_score(clean, early, late)
     assert icl_clean < -2.0
-    masks = ablate.head_masks([(1, 0), (1, 2), (0, 1)], 2, 3)
-    lanes = ablate.ablated_losses(m, p, toks, masks)
+    masks = ablation.head_masks([(1, 0), (1, 2), (0, 1)], 2, 3)
+    lanes = ablation.ablated_losses(m, p, toks, masks)
     icl = [evaluate.icl_score(lane, early, late) for lane in lanes]
     assert abs(icl[0]) < 0.1 * abs(icl_clean)  # the induction head carries (almost) all of it
     for other in icl[1:]:
@@ -131,29 +131,29 @@ def test_planted_circuit_ablating_the_induction_head_removes_icl():
 def test_vmapped_lanes_equal_one_at_a_time_on_every_path():
     cfg, m, p = _setup(d_mlp=64)
     toks = _tokens()
-    masks = np.concatenate([ablate.single_head_masks(2, 4), np.zeros((1, 2, 4))])
-    for path in ablate.PATHS:
-        lanes = ablate.ablated_losses(m, p, toks, masks, path=path)
+    masks = np.concatenate([ablation.single_head_masks(2, 4), np.zeros((1, 2, 4))])
+    for path in ablation.PATHS:
+        lanes = ablation.ablated_losses(m, p, toks, masks, path=path)
         for i, mask in enumerate(masks):
-            one = ablate.single_mask_losses(m, p, toks, jnp.asarray(mask), path=path)
+            one = ablation.single_mask_losses(m, p, toks, jnp.asarray(mask), path=path)
             np.testing.assert_allclose(lanes[i], one, atol=2e-6, rtol=1e-6, err_msg=f"{path} lane {i}")
 
 
 def test_paths_agree_only_where_they_should():
     cfg, m, p = _setup(init_std=0.5)  # attention-only, with LayerNorm
     toks = _tokens()
-    last = ablate.head_masks([(1, 2)], 2, 4)
-    total = ablate.ablated_losses(m, p, toks, last, path="total")
+    last = ablation.head_masks([(1, 2)], 2, 4)
+    total = ablation.ablated_losses(m, p, toks, last, path="total")
     # A last-layer head writes straight into the final residual stream: removing it there is the whole effect.
-    np.testing.assert_allclose(ablate.ablated_losses(m, p, toks, last, path="direct"), total, atol=1e-6)
+    np.testing.assert_allclose(ablation.ablated_losses(m, p, toks, last, path="direct"), total, atol=1e-6)
     # ... but freezing ln_final's scale changes how the rest of the stream is read without it.
-    assert np.abs(ablate.ablated_losses(m, p, toks, last, path="frozen_ln") - total).max() > 1e-4
-    first = ablate.head_masks([(0, 1)], 2, 4)  # read by layer 1: direct leaves that out
-    assert np.abs(ablate.ablated_losses(m, p, toks, first, path="direct")
-                  - ablate.ablated_losses(m, p, toks, first, path="total")).max() > 1e-4
-    clean = np.asarray(ablate.clean_run(m, p, toks)[0])
-    for path in ablate.PATHS:  # an all-ones lane is the clean run on every path
-        np.testing.assert_allclose(ablate.ablated_losses(m, p, toks, np.ones((1, 2, 4)), path=path)[0], clean,
+    assert np.abs(ablation.ablated_losses(m, p, toks, last, path="frozen_ln") - total).max() > 1e-4
+    first = ablation.head_masks([(0, 1)], 2, 4)  # read by layer 1: direct leaves that out
+    assert np.abs(ablation.ablated_losses(m, p, toks, first, path="direct")
+                  - ablation.ablated_losses(m, p, toks, first, path="total")).max() > 1e-4
+    clean = np.asarray(ablation.clean_run(m, p, toks)[0])
+    for path in ablation.PATHS:  # an all-ones lane is the clean run on every path
+        np.testing.assert_allclose(ablation.ablated_losses(m, p, toks, np.ones((1, 2, 4)), path=path)[0], clean,
                                    atol=1e-5)
 
 
@@ -204,7 +204,7 @@ def test_frozen_ln_equals_subtracting_the_heads_terms():
     toks = _tokens(b=2)
     _, cap = m.apply({"params": p}, toks, capture=("patterns",))
     heads = [(0, 1), (1, 3), (2, 0)]
-    lanes = ablate.ablated_losses(m, p, toks, ablate.head_masks(heads, 3, 4), path="frozen_ln")
+    lanes = ablation.ablated_losses(m, p, toks, ablation.head_masks(heads, 3, 4), path="frozen_ln")
     for lane, head in zip(lanes, heads):
         expect = _numpy_frozen_ln_logits_without(cfg, p, toks, cap["patterns"], head)
         np.testing.assert_allclose(lane, model.token_losses(jnp.asarray(expect, jnp.float32), toks), atol=2e-5)
@@ -214,15 +214,15 @@ def test_shares_and_their_standard_errors():
     rng = np.random.default_rng(0)
     clean = rng.normal(-0.6, 0.5, size=4000)
     exact = np.stack([-0.5 * clean, 0.2 * clean])  # removes 50%, adds 20%: the ratio is exact in every window
-    share, se = ablate.shares(exact, clean, n_boot=200)
+    share, se = ablation.shares(exact, clean, n_boot=200)
     np.testing.assert_allclose(share, [0.5, -0.2], atol=1e-12)
     assert np.all(se < 1e-9)
     noisy = rng.normal(0.3, 1.0, size=(1, 4000))  # removes 0.3 / 0.6 = 50%, with noise of its own
-    share, se = ablate.shares(noisy, clean, n_boot=400)
+    share, se = ablation.shares(noisy, clean, n_boot=400)
     # delta method: var(share) ~ var(delta - share * clean) / (n * mean(clean)^2)
     want = np.std(noisy[0] + share[0] * clean) / (np.sqrt(4000) * 0.6)
     assert 0.7 * want < se[0] < 1.3 * want and abs(share[0] - 0.5) < 4 * want
-    assert np.isnan(ablate.shares(exact, -clean)[0]).all()  # no ICL to remove: no share
+    assert np.isnan(ablation.shares(exact, -clean)[0]).all()  # no ICL to remove: no share
 
 
 def test_parse_heads_and_its_errors():

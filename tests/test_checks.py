@@ -94,7 +94,7 @@ class _Results:
         self.steps = np.arange(len(tokens))
         self.icl_window = np.asarray(icl, float)
         self._prefix = np.asarray(prefix_SLH, float)
-        self.ctx = SimpleNamespace(cfg=SimpleNamespace(eval=eval_cfg or EvalConfig()))
+        self.run = SimpleNamespace(config=SimpleNamespace(eval=eval_cfg or EvalConfig()))
 
     def measure(self, name):
         assert name == "prefix_matching"

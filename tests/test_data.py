@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from induction_jax import corpus, data
+from induction_jax import cli, corpus, data
 from induction_jax.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,12 +264,18 @@ def test_device_batch_single_process(prepared):
 def test_cli_prepare(corpus_dir, tmp_path, capsys):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(f"model: {{vocab_size: 300, context: {SEQ}}}\neval: {{prefix_tokens: 7}}\n")
-    args = ["prepare", "--quiet", "--config", str(cfg_path), f"data.sources=[{corpus_dir}]",
+    args = ["prepare", "--no-progress", "--config", str(cfg_path), f"data.sources=[{corpus_dir}]",
             f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0.2", "data.eval_examples=4"]
-    assert data.main(args) == 0
+
+    def exit_code(argv) -> int:
+        with pytest.raises(SystemExit) as e:
+            cli.run(data.main, argv)
+        return e.value.code
+
+    assert exit_code(args) == 0
     out = capsys.readouterr().out
     assert "tokens:" in out and "prepared data:" in out
-    assert data.main(args[:-3] + [f"data.sources=[{tmp_path / 'nope'}]"]) == 2
+    assert exit_code(args[:-3] + [f"data.sources=[{tmp_path / 'nope'}]"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope" in err
 

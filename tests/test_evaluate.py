@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from planted import planted_induction_model, random_model
 
-from induction_jax import evaluate, heads, model
+from induction_jax import evaluate, heads, model, probe
 from induction_jax.config import EvalConfig, ModelConfig
 
 TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=0, positions="shortformer", pos_table="learned",
@@ -139,7 +139,7 @@ def test_probe_on_planted(planted):
     ec = EvalConfig(draws=2, icl_window=5)
     prefix_tokens = heads.prefix_matching_tokens(ec, heads.uniform_sampler(cfg.vocab_size, [bos]), bos, 0)
     tokens = _repeated_distinct(cfg.vocab_size, bos, 2, 50, seed=4)  # length 101: icl indices (9, 98)
-    out = evaluate.probe(m, params, jnp.asarray(tokens), jnp.asarray(prefix_tokens), ec)
+    out = probe.probe(m, params, jnp.asarray(tokens), jnp.asarray(prefix_tokens), ec)
     assert float(out["icl"]) < -3.0
     assert float(out["prefix_max"]) > 0.9 and out["prefix"].shape == (2, cfg.n_heads)
     assert int(np.argmax(out["prefix"])) == cfg.n_heads  # layer 1, head 0

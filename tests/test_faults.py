@@ -371,7 +371,7 @@ def test_killed_prepare_leaves_no_build_directory(base, tmp_path):
     _, ov = base
     cache = tmp_path / "cache"
     ov = ov + [f"data.cache_dir={cache}"]
-    p = subprocess.Popen(_cmd("data", "prepare", "--config", TINY, "--quiet", *ov), env=_env(),
+    p = subprocess.Popen(_cmd("data", "prepare", "--config", TINY, "--no-progress", *ov), env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None and not list(cache.glob(".*tmp-*")):

@@ -171,8 +171,8 @@ def test_source_outputs_sum_to_head_results():
     params = random_model(TINY, seed=5)
     m = model.make(TINY)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 20)))
-    _, cap = m.apply({"params": params}, tokens, capture=("patterns", "resid", "head_results"))
-    out_LBKHD = heads.source_outputs(TINY, params, cap["resid"][:-1])
+    _, cap = m.apply({"params": params}, tokens, capture=("patterns", "attn_inputs", "head_results"))
+    out_LBKHD = heads.source_outputs(params, cap["attn_inputs"])
     recombined_LBQHD = jnp.einsum("lbhqk,lbkhd->lbqhd", cap["patterns"], out_LBKHD)
     np.testing.assert_allclose(recombined_LBQHD, cap["head_results"], atol=2e-4, rtol=1e-4)
 

@@ -158,3 +158,38 @@ def test_head_dim_widens_heads_independently_of_d_model():
     assert logits.shape == (2, 16, 64) and cap["patterns"].shape == (2, 2, 4, 16, 16)
     # 4 heads of width 16 in each of 2 layers: Q, K, V, O are 4 x 30 x 64 weights per layer, plus 2 LayerNorms
     assert model.count_params(cfg, embedding=False) == 2 * (4 * 30 * 64 + 2 * 30) + 2 * 30
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_attn_inputs_capture_is_ln1_of_the_residual_stream(layer_norm):
+    """The heads' inputs against a numpy LayerNorm of the captured residual stream, with a learned scale and bias
+    far from their initial values; the final LayerNorm's captured 1/sigma against numpy too."""
+    cfg, m, p = _setup(layer_norm=layer_norm, d_mlp=64)
+    rng = np.random.default_rng(4)
+    if layer_norm:
+        for layer in range(cfg.n_layers):
+            p[f"block_{layer}"]["ln1"] = {"scale": jnp.asarray(rng.normal(1, 0.5, cfg.d_model), jnp.float32),
+                                          "bias": jnp.asarray(rng.normal(0, 0.5, cfg.d_model), jnp.float32)}
+    _, cap = m.apply({"params": p}, _tokens(5), capture=("resid", "attn_inputs", "ln_scales"))
+    resid = np.asarray(cap["resid"], np.float64)
+    assert cap["attn_inputs"].shape == (cfg.n_layers,) + resid.shape[1:]
+    for layer in range(cfg.n_layers):
+        x = resid[layer]
+        if layer_norm:
+            ln = p[f"block_{layer}"]["ln1"]
+            x = x - x.mean(-1, keepdims=True)
+            x = x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.ln_eps) * np.asarray(ln["scale"]) + ln["bias"]
+        np.testing.assert_allclose(cap["attn_inputs"][layer], x, atol=2e-5)
+    if layer_norm:
+        final = resid[-1] - resid[-1].mean(-1, keepdims=True)
+        np.testing.assert_allclose(cap["ln_scales"]["ln_final"], 1 / np.sqrt((final ** 2).mean(-1) + cfg.ln_eps),
+                                   rtol=1e-5)
+
+
+def test_stacked_puts_every_layer_on_a_leading_axis():
+    cfg, _, p = _setup(n_layers=3)
+    w_LDHE = model.stacked(p, "attn", "W_V")
+    assert w_LDHE.shape == (3, cfg.d_model, cfg.n_heads, cfg.d_model // cfg.n_heads)
+    for layer in range(3):
+        np.testing.assert_array_equal(w_LDHE[layer], p[f"block_{layer}"]["attn"]["W_V"])
+    assert model.stacked(p, "ln1", "scale").shape == (3, cfg.d_model)

@@ -5,7 +5,7 @@ import matplotlib.text
 import numpy as np
 import pytest
 
-from induction_jax import plots
+from induction_jax import headplots, plots, plotstyle
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,6 +14,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 S, L, H, T = 12, 2, 3, 64
 WINDOW = (3e5, 2e6)
 
+
+
+def _figure_fn(name):
+    return getattr(plots, name, None) or getattr(headplots, name)
 
 def _tokens(s=S):
     return np.geomspace(1e4, 1e8, s)
@@ -46,7 +50,7 @@ def _inputs(s=S, seed=0):
                                  dloss_SB=rng.normal(size=(s, 8)) - ph[:, None]),
         "pca_trajectories": dict(runs={"a": (tok, rng.normal(size=(s, 2))), "b": (tok, rng.normal(size=(s, 2)))},
                                  window=WINDOW),
-        "head_scores": dict(tokens_S=tok, scores_SLH=prefix, measure="prefix_matching", window=WINDOW),
+        "measure_curves": dict(tokens_S=tok, scores_SLH=prefix, measure="prefix_matching", window=WINDOW),
         "copying_vs_prefix": dict(prefix_LH=prefix[-1], copying_LH=copying[-1], thresholds=(0.4, 0.0)),
         "ablation_heatmap": dict(tokens_S=tok, delta_icl_SM=rng.normal(size=(s, m)) * 0.1,
                                  head_labels_M=_labels()),
@@ -61,7 +65,7 @@ FUNCTIONS = list(_inputs())
 def _draw(name, tmp_path, **overrides):
     kwargs = _inputs()[name]
     kwargs.update(overrides)
-    paths, fig = getattr(plots, name)(tmp_path / "sub" / name, return_fig=True, **kwargs)
+    paths, fig = _figure_fn(name)(tmp_path / "sub" / name, return_fig=True, **kwargs)
     return paths, fig
 
 
@@ -73,7 +77,7 @@ def _main_axes(fig):
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_writes_nonempty_png_and_svg_and_closes(name, tmp_path):
     before = set(plt.get_fignums())
-    paths = getattr(plots, name)(tmp_path / "nested" / "dir" / name, **_inputs()[name])
+    paths = _figure_fn(name)(tmp_path / "nested" / "dir" / name, **_inputs()[name])
     assert [p.name for p in paths] == [f"{name}.png", f"{name}.svg"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths[0].stat().st_size > 5000
@@ -84,11 +88,11 @@ def test_writes_nonempty_png_and_svg_and_closes(name, tmp_path):
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_single_snapshot(name, tmp_path):
     kwargs = _inputs(s=1)[name]
-    paths = getattr(plots, name)(tmp_path / name, **kwargs)
+    paths = _figure_fn(name)(tmp_path / name, **kwargs)
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-@pytest.mark.parametrize("name", ["loss_curve", "icl_curve", "head_scores", "ablation_heatmap", "loss_heatmap",
+@pytest.mark.parametrize("name", ["loss_curve", "icl_curve", "measure_curves", "ablation_heatmap", "loss_heatmap",
                                   "dloss_dlog_index"])
 def test_training_tokens_on_log_x(name, tmp_path):
     _, fig = _draw(name, tmp_path)
@@ -134,12 +138,12 @@ def test_diverging_maps_centred_at_zero(name, tmp_path):
 
 
 def test_window_is_shaded_and_in_legend(tmp_path):
-    for name in ["loss_curve", "icl_curve", "head_scores"]:
+    for name in ["loss_curve", "icl_curve", "measure_curves"]:
         _, fig = _draw(name, tmp_path)
         legend = [t.get_text() for t in _main_axes(fig).get_legend().get_texts()]
-        assert plots.WINDOW_LABEL in legend, name
+        assert plotstyle.WINDOW_LABEL in legend, name
     _, fig = _draw("loss_curve", tmp_path, window=None)
-    assert plots.WINDOW_LABEL not in [t.get_text() for t in _main_axes(fig).get_legend().get_texts()]
+    assert plotstyle.WINDOW_LABEL not in [t.get_text() for t in _main_axes(fig).get_legend().get_texts()]
 
 
 def test_zero_token_snapshot_left_out_of_log_axis(tmp_path):
@@ -165,23 +169,23 @@ def test_unsorted_and_duplicate_snapshots_plot_in_token_order(tmp_path):
     np.testing.assert_array_equal(line.get_ydata(), expected)
 
 
-def test_head_scores_handles_nan_layers_and_labels_high_heads(tmp_path):
+def test_measure_curves_handles_nan_layers_and_labels_high_heads(tmp_path):
     qk = np.random.default_rng(0).normal(size=(S, L, H))
     qk[:, 0] = np.nan  # layer 0 has no QK trace
-    _, fig = _draw("head_scores", tmp_path, scores_SLH=qk, measure="qk_trace")
+    _, fig = _draw("measure_curves", tmp_path, scores_SLH=qk, measure="qk_trace")
     ax = _main_axes(fig)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [plots.WINDOW_LABEL, "layer 1"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [plotstyle.WINDOW_LABEL, "layer 1"]
     assert any(f"{H} head(s) without a finite score" in t.get_text() for t in ax.texts)
 
-    _, fig = _draw("head_scores", tmp_path)  # head 1.1 (flat index 4) rises to ~0.85, the rest stay ~0.05
+    _, fig = _draw("measure_curves", tmp_path)  # head 1.1 (flat index 4) rises to ~0.85, the rest stay ~0.05
     names = {t.get_text() for t in _main_axes(fig).texts}
     assert "1.1" in names and "0.0" not in names
 
 
-def test_head_scores_all_nan_model(tmp_path):
+def test_measure_curves_all_nan_model(tmp_path):
     """A 1-layer model's QK trace is NaN everywhere: the figure says so instead of crashing."""
     nan = np.full((S, 1, H), np.nan)
-    _, fig = _draw("head_scores", tmp_path, scores_SLH=nan, measure="qk_trace")
+    _, fig = _draw("measure_curves", tmp_path, scores_SLH=nan, measure="qk_trace")
     assert any("no finite" in t.get_text() for t in _main_axes(fig).texts)
 
 
@@ -261,8 +265,8 @@ def test_attribution_highlights_induction_heads(tmp_path):
 
 def test_log_edges_are_geometric_midpoints():
     c = np.array([1.0, 4.0, 16.0])
-    np.testing.assert_allclose(plots._log_edges(c), [0.5, 2.0, 8.0, 32.0])
-    one = plots._log_edges(np.array([10.0]))
+    np.testing.assert_allclose(plotstyle.log_edges(c), [0.5, 2.0, 8.0, 32.0])
+    one = plotstyle.log_edges(np.array([10.0]))
     assert one[0] < 10.0 < one[1]
 
 
@@ -270,4 +274,4 @@ def test_mismatched_shapes_raise(tmp_path):
     with pytest.raises(ValueError, match="loss_S"):
         plots.loss_curve(tmp_path / "x", _tokens(), np.zeros(S - 1))
     with pytest.raises(ValueError, match="head labels"):
-        plots.ablation_heatmap(tmp_path / "x", _tokens(), np.zeros((S, 4)), ["0.0"])
+        headplots.ablation_heatmap(tmp_path / "x", _tokens(), np.zeros((S, 4)), ["0.0"])

@@ -1,0 +1,76 @@
+"""The eval set a run is scored on, kept in its run directory (eval_set.npz), so that analysing a run needs neither
+the data cache nor a tokenizer.
+
+The trainer writes it before config.yaml: the windows every snapshot is scored on [N, L], each window's random
+token index [N], the hash the results store is keyed by, the BOS id, and the pool of token ids the randomised head
+evaluators draw from (the corpus's tokens between the `eval.exclude_common` most and least common; docs/method.md
+§4). A run directory without the file (written by an older version) gets the same eval set from the prepared data.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, data, heads
+from .config import Config, UserError, first_line
+
+FILE = "eval_set.npz"
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    tokens_NL: np.ndarray  # int32
+    random_index_N: np.ndarray  # int32, in 1..L-1
+    eval_hash: str  # data.sha256_eval of the two above
+    bos_id: int
+    pool_P: np.ndarray  # int32 token ids the head evaluators' random tokens are drawn from
+    exclude: float  # the eval.exclude_common that chose the pool
+
+    def sampler(self) -> heads.Sampler:
+        return heads.pool_sampler(self.pool_P)
+
+
+def from_prepared(prepared: data.Prepared, exclude: float) -> EvalSet:
+    tokens_NL, index_N = prepared.eval_set()
+    return EvalSet(tokens_NL, index_N, prepared.eval_hash, prepared.bos_id,
+                   np.asarray(prepared.candidate_tokens(exclude), np.int32), float(exclude))
+
+
+def save(run_dir: str | Path, es: EvalSet) -> Path:
+    buf = io.BytesIO()
+    np.savez(buf, tokens=es.tokens_NL.astype(np.uint16), random_index=es.random_index_N.astype(np.int32),
+             eval_hash=np.str_(es.eval_hash), bos_id=np.int64(es.bos_id), pool=es.pool_P.astype(np.int32),
+             exclude=np.float64(es.exclude))
+    return atomic.write(Path(run_dir) / FILE, buf.getvalue())
+
+
+def load(run_dir: str | Path) -> EvalSet | None:
+    """The run directory's eval set, checked against its hash; None when the directory has none."""
+    path = Path(run_dir) / FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as f:
+            es = EvalSet(f["tokens"].astype(np.int32), f["random_index"].astype(np.int32), str(f["eval_hash"]),
+                         int(f["bos_id"]), f["pool"].astype(np.int32), float(f["exclude"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: unreadable eval set ({first_line(e)}); delete it to take the eval set from the "
+                        "prepared data") from None
+    if data.sha256_eval(es.tokens_NL, es.random_index_N) != es.eval_hash:
+        raise UserError(f"{path}: the eval set does not match its hash; delete it to take the eval set from the "
+                        "prepared data")
+    return es
+
+
+def for_run(run_dir: str | Path, cfg: Config, progress: bool = False) -> EvalSet:
+    """The run's stored eval set; without one (or with a pool for another `eval.exclude_common`), the same eval set
+    from the prepared data, which this prepares when the cache lacks it."""
+    es = load(run_dir)
+    if es is not None and es.exclude == cfg.eval.exclude_common:
+        return es
+    return from_prepared(data.prepare(cfg, progress=progress), cfg.eval.exclude_common)

@@ -1,0 +1,88 @@
+"""Scores a run's committed snapshots into its results store: the eval section (per-token losses, ICL scores and
+the head measures) and the head-ablation sections (docs/method.md §3-5).
+
+Both skip snapshots already stored and pick up new ones of a run still training; a killed job loses at most the
+snapshot in flight. A snapshot that cannot be read is reported by path and skipped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from . import ablation, checkpoint, evaluate, heads
+from .run import Run
+from .store import EVAL, ablation_name
+
+
+def analyze_snapshot(run: Run, step: int, params) -> None:
+    """Stores the snapshot's per-token losses, ICL scores and head measures in the eval section."""
+    losses_NP = run.losses(params)
+    early, late = run.icl_indices
+    measures = run.measure_heads(params)
+    scores_LHM = np.stack([measures[m] for m in heads.MEASURES], axis=-1).astype(np.float32)
+    record = {
+        "tokens": run.tokens_at(step),
+        "eval_loss": float(losses_NP.mean()),
+        "icl": float(evaluate.icl_score(losses_NP, early, late)),
+        "icl_window": float(evaluate.icl_score(losses_NP, early, late, run.config.eval.icl_window)),
+        "max_prefix_matching": float(np.nanmax(measures["prefix_matching"])),
+    }
+    run.store.write(EVAL, step, record, {"per_token_loss": losses_NP.astype(np.float32), "head_scores": scores_LHM})
+
+
+def _each_pending(run: Run, section: str, steps, what: str, progress: bool, score) -> None:
+    """score(step, params) for each committed snapshot (of `steps`) that `section` lacks; a snapshot that cannot
+    be read is reported and skipped."""
+    for step in tqdm(run.pending_steps(section, steps), desc=f"{what} {run.name}", unit="snapshot",
+                     disable=not progress):
+        try:
+            score(step, run.params(step))
+        except checkpoint.SnapshotError as e:
+            tqdm.write(f"skipped: {e}")
+
+
+def analyze_run(run: Run, steps=None, progress: bool = True) -> None:
+    """`analyze_snapshot` on every committed snapshot (or those of `steps`) not analysed yet."""
+    _each_pending(run, EVAL, steps, "analyze", progress, lambda step, params: analyze_snapshot(run, step, params))
+
+
+def induction_heads(run: Run, step: int, params) -> np.ndarray:
+    """bool [L, H]: the snapshot's induction heads (heads.induction_heads), from its stored head measures when it
+    has been analysed, else from the two measures the classification needs, computed now."""
+    eval_cfg = run.config.eval
+    copying = heads.copying_measure(eval_cfg)
+    if step in run.store.steps(EVAL):
+        scores_LHM = run.store.read(EVAL, "head_scores", step)
+        prefix_LH, copying_LH = (scores_LHM[..., heads.MEASURES.index(m)] for m in ("prefix_matching", copying))
+    else:
+        prefix_LH, copying_LH = run.measure_heads(params, ("prefix_matching", copying)).values()
+    return heads.induction_heads(prefix_LH, copying_LH, eval_cfg)
+
+
+def ablate_run(run: Run, steps=None, kind: str = "pattern", head_list: list[tuple[int, int]] | None = None,
+               progress: bool = True, path: str = "total") -> str:
+    """Ablates each head (or those of `head_list`) at every committed snapshot (of `steps`) not done yet, plus one
+    lane that ablates the snapshot's induction heads together; returns the store section."""
+    cfg = run.config.model
+    head_list = head_list or [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
+    masks_MLH = ablation.head_masks(head_list, cfg.n_layers, cfg.n_heads)
+    section = ablation_name(kind, path)
+    tokens_NL, random_index_N = run.eval_set()
+
+    def ablate_snapshot(step: int, params) -> None:
+        induction_LH = induction_heads(run, step, params)
+        lanes = np.concatenate([masks_MLH, (1.0 - induction_LH.astype(np.float32))[None]])  # all-ones: none
+        record, arrays = ablation.ablate_eval_set(run.model, params, tokens_NL, random_index_N, lanes,
+                                                  run.config.eval, kind, path)
+        record["induction_delta_icl"] = record["delta_icl"].pop()
+        record["induction_delta_icl_window"] = record["delta_icl_window"].pop()
+        record["induction_delta_loss"] = record["delta_loss"].pop()
+        record["induction"] = [[bool(v) for v in row] for row in induction_LH]
+        record["masks"].pop()
+        record["heads"] = [list(h) for h in head_list]
+        record["tokens"] = run.tokens_at(step)
+        run.store.write(section, step, record, arrays)
+
+    _each_pending(run, section, steps, f"ablate ({path})", progress, ablate_snapshot)
+    return section
