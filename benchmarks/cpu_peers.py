@@ -5,7 +5,7 @@
 Jobs, each on the same model shape (the config's; attention-only, shortformer positions, LayerNorm):
 - train: one AdamW step on a batch of the config's batch size (tokens/s), at 1 and at 2 threads;
 - ablate: the pattern-preserving ablation of every head, one at a time, on `--examples` windows of the full
-  context (seconds): ours is the vmapped job (`ablate.ablated_losses`), the peer a hook loop that replaces every
+  context (seconds): ours is the vmapped job (`ablation.ablated_losses`), the peer a hook loop that replaces every
   pattern with the clean run's and zeroes one head's z;
 - loss: per-token losses of the eval windows (tokens/s).
 Each figure comes from a child process with its thread count fixed before any library starts, so the two
@@ -40,7 +40,7 @@ def ours(job: str, cfg, examples: int, repeats: int) -> float:
     import jax.numpy as jnp
     import numpy as np
 
-    from induction_jax import ablate, evaluate, sharding, step
+    from induction_jax import ablation, evaluate, sharding, step
     from induction_jax import config as config_lib
     from induction_jax import model as model_lib
 
@@ -62,9 +62,9 @@ def ours(job: str, cfg, examples: int, repeats: int) -> float:
     if job == "loss":
         return tokens.size / _best(lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size),
                                    repeats)
-    masks = ablate.single_head_masks(m.n_layers, m.n_heads)
+    masks = ablation.single_head_masks(m.n_layers, m.n_heads)
     batches = [jnp.asarray(tokens[i: i + cfg.eval.batch_size]) for i in range(0, examples, cfg.eval.batch_size)]
-    return _best(lambda: [np.asarray(ablate.ablated_losses(model, params, b, masks)) for b in batches], repeats)
+    return _best(lambda: [np.asarray(ablation.ablated_losses(model, params, b, masks)) for b in batches], repeats)
 
 
 def peer(job: str, cfg, examples: int, repeats: int) -> float:

@@ -69,6 +69,7 @@ class ModelConfig:
     attention: str = "fused"
     attention_block: int = 128  # query block of the CPU fused kernel (causal blocks skip the keys after them)
     remat: str = "none"
+    loss_chunk: int = 0  # positions unembedded at a time in the training loss (0 = all); bounds the logits' memory
 
     @property
     def d_head(self) -> int:
@@ -247,6 +248,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("model.attention", f"{m.attention!r} is not one of {', '.join(ATTENTION)}")
     if m.remat not in REMAT:
         fail("model.remat", f"{m.remat!r} is not one of {', '.join(REMAT)}")
+    if m.loss_chunk < 0:
+        fail("model.loss_chunk", f"{m.loss_chunk} must be >= 0")
     if m.attention_block < 1:
         fail("model.attention_block", f"{m.attention_block} must be >= 1")
     if m.pos_table not in POS_TABLES:

@@ -300,8 +300,10 @@ class Transformer(nn.Module):
         position predicts nothing, so its logits are never formed, and `cross_entropy`'s backward is one pass.
         """
         x_BTD = self._layers(0, self.embed(tokens_BT), fused=self.cfg.attention == "fused")[0]
-        logits_BTV = self.unembed(x_BTD[:, :-1])[0]
-        return cross_entropy(logits_BTV, tokens_BT[:, 1:])
+        if not self.cfg.loss_chunk:
+            return cross_entropy(self.unembed(x_BTD[:, :-1])[0], tokens_BT[:, 1:])
+        x_BTD = self.ln_final(x_BTD[:, :-1])[0]
+        return chunked_cross_entropy(x_BTD, self.W_U.astype(x_BTD.dtype), tokens_BT[:, 1:], self.cfg.loss_chunk)
 
     def unembed(self, x_BTD, inv_sigma_BT=None):
         """(logits [B, T, V] in float32, ln_final's 1/sigma [B, T]); `inv_sigma_BT` freezes that normalisation."""
@@ -374,6 +376,26 @@ def _cross_entropy_bwd(res, g_BT):
 
 
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def chunked_cross_entropy(x_BTD, w_DV, targets_BT, chunk: int) -> jax.Array:
+    """`cross_entropy(x @ w, targets)` [B, T], unembedding `chunk` positions at a time.
+
+    Each chunk's logits are recomputed in the backward pass instead of kept, so the [B, T, V] logits (17 GiB in
+    float32 for 8 sequences of 8192 tokens over a 65,536 vocabulary) never exist at once.
+    """
+    b, t, d = x_BTD.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    x_NBCD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).transpose(1, 0, 2, 3)
+    targets_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(b, n, chunk).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def one(args):
+        x_BCD, targets_BC = args
+        return cross_entropy(jnp.einsum("bcd,dv->bcv", x_BCD, w_DV).astype(jnp.float32), targets_BC)
+
+    return jax.lax.map(one, (x_NBCD, targets_NBC)).transpose(1, 0, 2).reshape(b, n * chunk)[:, :t]
 
 
 def token_losses(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:

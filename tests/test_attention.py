@@ -74,6 +74,7 @@ def _model(**over):
 
 
 @pytest.mark.parametrize("over", [{}, {"local_heads": 2, "local_window": 5}, {"smeared_key": True},
+                                  {"loss_chunk": 5, "remat": "dots"},
                                   {"d_mlp": 64, "positions": "learned"}, {"positions": "rotary"},
                                   {"layer_norm": False, "positions": "none"}])
 def test_training_loss_fused_equals_explicit(over):
