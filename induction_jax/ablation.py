@@ -6,10 +6,7 @@ zeroes the masked heads' result vectors while every pattern is forced to the cle
 the patterns. Structure we exploit, both exact:
 - an ablation cannot change the layers before its first masked head, so each lane starts from the clean residual
   stream entering that layer (`Transformer.run_from`): masks are grouped by their first masked layer;
-- with patterns frozen no query/key is recomputed at all; only values, W_O and the unembedding run per lane;
-- in an attention-only model the first masked layer's output is its clean output minus the masked heads' result
-  vectors (its input is the clean one), so lanes subtract those, computed once per group, and start one layer
-  later: a lane of a last-layer head is only the unembedding.
+- with patterns frozen no query/key is recomputed at all; only values, W_O and the unembedding run per lane.
 All lanes of a group are one jitted call, `jax.vmap` over the mask axis; the lane axis is sharded over devices.
 
 Paths (what the removed head output is taken out of; docs/method.md §5), with the same lanes:
@@ -62,24 +59,11 @@ def clean_run(model: model_lib.Transformer, params, tokens_BT, path: str = "tota
     return model_lib.token_losses(logits, tokens_BT), cap["patterns"], cap["resid"], extra
 
 
-@partial(jax.jit, static_argnames=("model", "layer"))
-def _layer_results(model, params, resid_BTD, patterns, *, layer: int):
-    """[B, T, H, D]: each head's result vector in `layer` of the clean run (the pattern given, not recomputed)."""
-    return model.apply({"params": params}, layer, resid_BTD, None, patterns, ("head_results",),
-                       method=model_lib.Transformer.run_from)[1]["head_results"][0]
-
-
 @partial(jax.jit, static_argnames=("model", "first_layer", "kind", "path"))
-def _lanes(model, params, tokens_BT, masks_MLH, resid_BTD, patterns, extra, results_BTHD=None, *,
-           first_layer: int, kind: str, path: str):
+def _lanes(model, params, tokens_BT, masks_MLH, resid_BTD, patterns, extra, *, first_layer: int, kind: str,
+           path: str):
     def one(mask_LH):
-        if results_BTHD is not None:  # resid_BTD enters first_layer + 1; remove first_layer's masked heads here
-            x_BTD = resid_BTD - jnp.einsum("bthd,h->btd", results_BTHD, 1.0 - mask_LH[first_layer])
-            logits = model.apply({"params": params}, first_layer + 1, x_BTD, mask_LH,
-                                 patterns if kind == "pattern" else None, (),
-                                 extra.get("ln_scales") if path == "frozen_ln" else None,
-                                 method=model_lib.Transformer.run_from)
-        elif path == "direct":
+        if path == "direct":
             # Only the final residual stream loses the heads' outputs: nothing upstream changes, so `kind` and
             # the patterns do not matter.
             removed_BTD = jnp.einsum("lbthd,lh->btd", extra["head_results"], 1.0 - mask_LH)
@@ -138,13 +122,8 @@ def ablated_losses(model: model_lib.Transformer, params, tokens_BT, masks_MLH, k
         group = np.concatenate([masks[lanes], np.ones(((-len(lanes)) % n_dev,) + masks.shape[1:], np.float32)])
         group = jax.device_put(group, _lane_sharding())
         start = layer if path == "direct" else min(layer, model.cfg.n_layers - 1)
-        if path != "direct" and not model.cfg.d_mlp:
-            results = _layer_results(model, params, resid[start], patterns, layer=start)
-            losses = _lanes(model, params, tokens_BT, group, resid[start + 1], patterns, extra, results,
-                            first_layer=start, kind=kind, path=path)
-        else:
-            losses = _lanes(model, params, tokens_BT, group, resid[start], patterns, extra, first_layer=start,
-                            kind=kind, path=path)
+        losses = _lanes(model, params, tokens_BT, group, resid[start], patterns, extra, first_layer=start,
+                        kind=kind, path=path)
         out[lanes] = np.asarray(losses)[: len(lanes)]
     return out
 
