@@ -8,8 +8,9 @@ Jobs, each on the same model shape (the config's; attention-only, shortformer po
   context (seconds): ours is the vmapped job (`ablation.ablated_losses`), the peer a hook loop that replaces every
   pattern with the clean run's and zeroes one head's z;
 - loss: per-token losses of the eval windows (tokens/s).
-Each figure comes from a child process with its thread count fixed before any library starts, so the two
-frameworks never share the cores. Without torch and transformer_lens (the `tl` extra) the table has our column only.
+Each row comes from one child process with its thread count fixed before either library starts; in it the two
+frameworks take turns (ours, peer, ours, ...), and each figure is the best of its turns, so both see the same
+machine. Without torch and transformer_lens (the `tl` extra) the table has our column only.
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ import time
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    fn()  # compile / warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Best wall time of each callable, timed in turns (a, b, a, b, ...) so both see the same machine."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - t0)
+        fn()  # compile / warm up
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
-def ours(job: str, cfg, examples: int, repeats: int) -> float:
+def ours(job: str, cfg, examples: int):
+    """(callable, work per call: tokens, or None when the figure is seconds)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -55,19 +60,18 @@ def ours(job: str, cfg, examples: int, repeats: int) -> float:
         def train():
             state[0], metrics = trainer.step_fn(state[0], tokens)
             jax.block_until_ready(metrics)
-        return trainer.tokens_per_step / _best(train, repeats)
+        return train, trainer.tokens_per_step
     model = model_lib.make(m)
     params = model_lib.init_params(m, jax.random.key(0))
     tokens = rng.integers(0, m.vocab_size, (examples, m.context), dtype=np.int32)
     if job == "loss":
-        return tokens.size / _best(lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size),
-                                   repeats)
+        return (lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size)), tokens.size
     masks = ablation.single_head_masks(m.n_layers, m.n_heads)
     batches = [jnp.asarray(tokens[i: i + cfg.eval.batch_size]) for i in range(0, examples, cfg.eval.batch_size)]
-    return _best(lambda: [np.asarray(ablation.ablated_losses(model, params, b, masks)) for b in batches], repeats)
+    return (lambda: [np.asarray(ablation.ablated_losses(model, params, b, masks)) for b in batches]), None
 
 
-def peer(job: str, cfg, examples: int, repeats: int) -> float:
+def peer(job: str, cfg, examples: int):
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -88,14 +92,14 @@ def peer(job: str, cfg, examples: int, repeats: int) -> float:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
-        return tokens.numel() / _best(train, repeats)
+        return train, tokens.numel()
     tokens = torch.randint(0, m.vocab_size, (examples, m.context), generator=gen)
     batches = tokens.split(cfg.eval.batch_size)
     if job == "loss":
         def losses():
             with torch.no_grad():
                 return [model(b, return_type="loss", loss_per_token=True) for b in batches]
-        return tokens.numel() / _best(losses, repeats)
+        return losses, tokens.numel()
 
     def ablate_all():
         with torch.no_grad():
@@ -112,31 +116,34 @@ def peer(job: str, cfg, examples: int, repeats: int) -> float:
                             return z
                         hooks.append((f"blocks.{layer}.attn.hook_z", zero))
                         model.run_with_hooks(b, return_type="loss", loss_per_token=True, fwd_hooks=hooks)
-    return _best(ablate_all, repeats)
+    return ablate_all, None
 
 
 def _child(args) -> None:
     from induction_jax import config as config_lib
     cfg = config_lib.load(args.config, args.overrides)
-    if args.child == "peer":
+    fns = {"ours": ours(args.job, cfg, args.examples)}
+    if args.with_peer:
         import torch
         torch.set_num_threads(args.threads[0])
-    fn = ours if args.child == "ours" else peer
-    print(json.dumps({"value": fn(args.job, cfg, args.examples, args.repeats)}))
+        fns["peer"] = peer(args.job, cfg, args.examples)
+    best = _interleaved({k: fn for k, (fn, _) in fns.items()}, args.repeats)
+    print(json.dumps({k: best[k] if work is None else work / best[k] for k, (_, work) in fns.items()}))
 
 
-def _measure(who: str, job: str, threads: int, args) -> float | None:
+def _measure(job: str, threads: int, with_peer: bool, args) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads))
-    if who == "ours" and threads == 1:
+    if threads == 1:
         env["XLA_FLAGS"] = SINGLE_THREAD
-    cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", str(threads), "--config",
-           args.config, "--examples", str(args.examples), "--repeats", str(args.repeats), *args.overrides]
+    cmd = [sys.executable, __file__, "--child", "--job", job, "--threads", str(threads), "--config", args.config,
+           "--examples", str(args.examples), "--repeats", str(args.repeats), *(["--with-peer"] * with_peer),
+           *args.overrides]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
-        print(f"  ({who} {job} x{threads} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
-        return None
-    return json.loads(lines[-1])["value"]
+        print(f"  ({job} x{threads} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        return {}
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -146,7 +153,8 @@ def main() -> None:
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--with-peer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -162,8 +170,8 @@ def main() -> None:
     print(f"{'job':8s} {'threads':>7s} {'induction_jax':>14s} {'TransformerLens':>16s} {'ratio':>7s}  unit")
     for job in args.jobs:
         for threads in args.threads:
-            a = _measure("ours", job, threads, args)
-            b = _measure("peer", job, threads, args) if have_peer else None
+            r = _measure(job, threads, have_peer, args)
+            a, b = r.get("ours"), r.get("peer")
             # Ratios read as "how many times better ours is": throughput ours/peer, seconds peer/ours.
             ratio = None if a is None or b is None else (a / b if units[job] != "s" else b / a)
             fmt = (lambda v: "-" if v is None else (f"{v:.2f}" if units[job] == "s" else f"{v:.0f}"))
