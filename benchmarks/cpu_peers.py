@@ -8,9 +8,9 @@ Jobs, each on the same model shape (the config's; attention-only, shortformer po
   context (seconds): ours is the vmapped job (`ablation.ablated_losses`), the peer a hook loop that replaces every
   pattern with the clean run's and zeroes one head's z;
 - loss: per-token losses of the eval windows (tokens/s).
-Each row comes from one child process with its thread count fixed before either library starts; in it the two
-frameworks take turns (ours, peer, ours, ...), and each figure is the best of its turns, so both see the same
-machine. Without torch and transformer_lens (the `tl` extra) the table has our column only.
+Each figure is the best of `--rounds` child processes, ours and the peer's alternating, each with its thread count
+fixed before its library starts (torch and XLA never share a process: loaded together, XLA's step ran 1.6x
+slower). Without torch and transformer_lens (the `tl` extra) the table has our column only.
 """
 
 from __future__ import annotations
@@ -122,28 +122,32 @@ def peer(job: str, cfg, examples: int):
 def _child(args) -> None:
     from induction_jax import config as config_lib
     cfg = config_lib.load(args.config, args.overrides)
-    fns = {"ours": ours(args.job, cfg, args.examples)}
-    if args.with_peer:
+    if args.child == "peer":
         import torch
         torch.set_num_threads(args.threads[0])
-        fns["peer"] = peer(args.job, cfg, args.examples)
-    best = _interleaved({k: fn for k, (fn, _) in fns.items()}, args.repeats)
-    print(json.dumps({k: best[k] if work is None else work / best[k] for k, (_, work) in fns.items()}))
+    fn, work = (ours if args.child == "ours" else peer)(args.job, cfg, args.examples)
+    best = _interleaved({args.child: fn}, args.repeats)[args.child]
+    print(json.dumps({"value": best if work is None else work / best}))
 
 
-def _measure(job: str, threads: int, with_peer: bool, args) -> dict:
+def _measure(who: str, job: str, threads: int, args) -> float | None:
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads))
     if threads == 1:
         env["XLA_FLAGS"] = SINGLE_THREAD
-    cmd = [sys.executable, __file__, "--child", "--job", job, "--threads", str(threads), "--config", args.config,
-           "--examples", str(args.examples), "--repeats", str(args.repeats), *(["--with-peer"] * with_peer),
-           *args.overrides]
+    cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", str(threads), "--config",
+           args.config, "--examples", str(args.examples), "--repeats", str(args.repeats), *args.overrides]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
-        print(f"  ({job} x{threads} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
-        return {}
-    return json.loads(lines[-1])
+        print(f"  ({who} {job} x{threads} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])["value"]
+
+
+def _pick(best: float | None, new: float | None, seconds: bool) -> float | None:
+    if best is None or new is None:
+        return new if best is None else best
+    return min(best, new) if seconds else max(best, new)
 
 
 def main() -> None:
@@ -153,8 +157,8 @@ def main() -> None:
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--with-peer", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=2, help="child processes per figure, alternating ours and peer")
+    ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -170,8 +174,11 @@ def main() -> None:
     print(f"{'job':8s} {'threads':>7s} {'induction_jax':>14s} {'TransformerLens':>16s} {'ratio':>7s}  unit")
     for job in args.jobs:
         for threads in args.threads:
-            r = _measure(job, threads, have_peer, args)
-            a, b = r.get("ours"), r.get("peer")
+            seconds = units[job] == "s"
+            a, b = None, None
+            for _ in range(args.rounds):  # alternate, so both frameworks see the same spells of background load
+                a = _pick(a, _measure("ours", job, threads, args), seconds)
+                b = _pick(b, _measure("peer", job, threads, args), seconds) if have_peer else None
             # Ratios read as "how many times better ours is": throughput ours/peer, seconds peer/ours.
             ratio = None if a is None or b is None else (a / b if units[job] != "s" else b / a)
             fmt = (lambda v: "-" if v is None else (f"{v:.2f}" if units[job] == "s" else f"{v:.0f}"))
