@@ -27,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import grain
-import jax
 import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
@@ -266,10 +264,14 @@ class Loader:
                               f"{', '.join(prepared.metadata['sources'])} make {self.windows_per_epoch} windows of "
                               f"{seq_len}, fewer than one batch of {global_batch}")
         self._store = prepared.train_store()
-        self._epochs: dict[int, grain.MapDataset] = {}
+        self._epochs: dict = {}
 
-    def epoch(self, e: int) -> grain.MapDataset:
-        """Epoch e as a random-access Grain dataset of window indices into the train stream."""
+    def epoch(self, e: int):
+        """Epoch e as a random-access Grain dataset (grain.MapDataset) of window indices into the train stream."""
+        # Imported here, with jax below: prepare's spawned workers import the main module, and without grain
+        # (which imports jax) each of them needs ~70 MB instead of ~210 MB.
+        import grain
+
         if e not in self._epochs:
             if len(self._epochs) > 2:  # steps move forward: older epochs are not asked for again
                 self._epochs.pop(min(self._epochs))
@@ -297,6 +299,8 @@ class Loader:
 
     def device_batch(self, step: int, sharding: jax.sharding.NamedSharding) -> jax.Array:
         """The global batch as one jax.Array; this process reads only the rows its devices hold."""
+        import jax
+
         shape = (self.batch_size, self.seq_len)
         spans = sorted({(s[0].start or 0, self.batch_size if s[0].stop is None else s[0].stop)
                         for s in sharding.addressable_devices_indices_map(shape).values()})
