@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from corpus import one_line_error
 from induction_jax import build, corpus, data, sources
 from induction_jax.config import ConfigError, from_dict
 
@@ -241,34 +242,24 @@ def test_bad_input_leaves_no_build_directory(corpus_dir, tmp_path):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def _one_line_error(cfg, *needles):
-    with pytest.raises(ConfigError) as e:
-        data.prepare(cfg, progress=False)
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
-
-
 def test_errors_are_one_line_and_name_the_source(corpus_dir, tmp_path):
     missing = tmp_path / "nope"
-    _one_line_error(make_cfg([missing], tmp_path), str(missing))
+    one_line_error(make_cfg([missing], tmp_path), str(missing))
     pattern = f"{corpus_dir}/*.md"
-    _one_line_error(make_cfg([pattern], tmp_path), pattern)
+    one_line_error(make_cfg([pattern], tmp_path), pattern)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.bin").write_bytes(b"\x00\x01")
     (junk / "b.txt").write_bytes(b"\xff\xfe")
     (junk / "c.txt").write_text("")
-    _one_line_error(make_cfg([corpus_dir, junk], tmp_path), str(junk), "no readable text")
+    one_line_error(make_cfg([corpus_dir, junk], tmp_path), str(junk), "no readable text")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(make_cfg([empty], tmp_path), str(empty))
+    one_line_error(make_cfg([empty], tmp_path), str(empty))
     big = make_cfg([corpus_dir], tmp_path)
     big = dataclasses.replace(big, model=dataclasses.replace(big.model, vocab_size=70_000))
-    _one_line_error(big, "model.vocab_size", "70000")
-    _one_line_error(make_cfg([corpus_dir], tmp_path, tokenizer=str(tmp_path / "tok.json")), "tok.json")
+    one_line_error(big, "model.vocab_size", "70000")
+    one_line_error(make_cfg([corpus_dir], tmp_path, tokenizer=str(tmp_path / "tok.json")), "tok.json")
     assert not any(p.name != "junk" and p.name != "empty" for p in tmp_path.iterdir())
 
 
@@ -280,7 +271,7 @@ def test_user_tokenizer_is_used_and_checked(prepared, corpus_dir, tmp_path):
     np.testing.assert_array_equal(used.train_tokens(), prepared.train_tokens())
     wrong = make_cfg([corpus_dir], tmp_path / "c", tokenizer=str(path))
     wrong = dataclasses.replace(wrong, model=dataclasses.replace(wrong.model, vocab_size=512))
-    _one_line_error(wrong, str(path), "512")
+    one_line_error(wrong, str(path), "512")
 
 
 def test_jsonl_records_split_one_by_one(tmp_path):
@@ -294,7 +285,7 @@ def test_jsonl_records_split_one_by_one(tmp_path):
     assert p.metadata["files"]["skipped_records"] == 2
     splits = p.splits()
     assert len(splits["train"]) + len(splits["eval"]) == 200 and splits["eval"]
-    _one_line_error(make_cfg([path], tmp_path / "cache", text_field="missing"), str(path), "'missing'")
+    one_line_error(make_cfg([path], tmp_path / "cache", text_field="missing"), str(path), "'missing'")
 
 
 def test_python_stdlib_source_resolves():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from corpus import make_corpus
+from corpus import make_corpus, one_line_error
 from induction_jax import analyze, config, corpus, data, sources, train
 from induction_jax.config import ConfigError
 
@@ -183,41 +183,31 @@ def test_tokenizer_trains_on_a_bounded_sample(tmp_path, monkeypatch):
     assert p.tokenizer().decode(p.tokenizer().encode(text, add_special_tokens=False).ids) == text
 
 
-def one_line(cfg, *needles):
-    with pytest.raises(ConfigError) as e:
-        data.prepare(cfg, progress=False)
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
-
-
 def test_bad_pretokenized_inputs_are_refused(docs, tokenizer, tmp_path):
     tok, tok_path = tokenizer
     stream = token_stream(tok, docs[1][:50])
     odd = tmp_path / "odd.bin"
     odd.write_bytes(stream.astype("<u2").tobytes() + b"\x01")
-    one_line(tiny(tmp_path, odd, f"data.tokenizer={tok_path}"), str(odd), "odd length")
+    one_line_error(tiny(tmp_path, odd, f"data.tokenizer={tok_path}"), str(odd), "odd length")
     high = tmp_path / "high.npy"
     bad = stream.astype(np.int64)
     bad[1234] = 512
     np.save(high, bad)
-    one_line(tiny(tmp_path, high, f"data.tokenizer={tok_path}"), str(high), "512", "index 1234")
+    one_line_error(tiny(tmp_path, high, f"data.tokenizer={tok_path}"), str(high), "512", "index 1234")
     floats = tmp_path / "floats.npy"
     np.save(floats, stream.astype(np.float32))
-    one_line(tiny(tmp_path, floats, f"data.tokenizer={tok_path}"), str(floats), "integer")
+    one_line_error(tiny(tmp_path, floats, f"data.tokenizer={tok_path}"), str(floats), "integer")
     good = tmp_path / "good.bin"
     stream.astype("<u2").tofile(good)
-    one_line(tiny(tmp_path, good), str(good), "data.tokenizer")
-    one_line(tiny(tmp_path, f"{good},{odd}", f"data.tokenizer={tok_path}"), str(odd), "odd length")
+    one_line_error(tiny(tmp_path, good), str(good), "data.tokenizer")
+    one_line_error(tiny(tmp_path, f"{good},{odd}", f"data.tokenizer={tok_path}"), str(odd), "odd length")
     text = tmp_path / "t.txt"
     text.write_text("hello\n")
-    one_line(config.load(TINY, [f"data.sources=[{good},{text}]", f"data.tokenizer={tok_path}",
+    one_line_error(config.load(TINY, [f"data.sources=[{good},{text}]", f"data.tokenizer={tok_path}",
                                 f"data.cache_dir={tmp_path / 'cache'}"]), "pre-tokenized", str(text))
 
 
-def test_corpus_too_small_for_one_batch_is_one_line(docs, tokenizer, tmp_path):
+def test_corpus_too_small_for_one_batch_is_one_line_error(docs, tokenizer, tmp_path):
     tok, tok_path = tokenizer
     small = tmp_path / "small.bin"
     token_stream(tok, docs[1][:40]).astype("<u2").tofile(small)
