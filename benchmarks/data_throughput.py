@@ -6,7 +6,8 @@ Targets: the prepare's peak RSS flat to within 20% between 1x and 4x; the loader
 
 The corpus is local text: the interpreter's standard library and site-packages (.py files), shuffled and repeated
 into 256 MB JSONL shards (one record per file) until it reaches the size asked for. Each prepare runs in its own
-process tree (main process plus tokenizing workers), whose summed RSS is sampled every 0.2 s. The loader is timed
+process tree (main process plus tokenizing workers), whose summed RSS is sampled every 0.2 s and whose CPU time
+is counted when it exits: MB per CPU-second does not depend on what else the machine runs. The loader is timed
 in a fresh process on the largest store, reading `global_batch` of the train config's shape; its peak RSS is
 compared with `--budget-gb` and with the store's size. The training step is timed here directly (jitted
 value_and_grad of the mean `model.token_losses` plus an optax.adamw update, one thread) on the same shape.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -95,18 +97,23 @@ def tree_rss(proc: psutil.Process) -> int:
 def run_prepare(config: str, corpus: Path, cache: Path) -> dict:
     cmd = [sys.executable, "-m", "induction_jax.data", "prepare", "--quiet", "--config", config,
            f"data.sources=[{corpus}]", f"data.cache_dir={cache}", "data.site_packages=false"]
-    t0 = time.perf_counter()
+    def cpu():  # of every waited-for descendant: the prepare process and, through it, its workers
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
     proc = psutil.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, tree_rss(proc))
         time.sleep(0.2)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"prepare failed:\n{out}")
     meta = json.loads(next(cache.glob("[0-9a-f]*/metadata.json")).read_text())
-    return {"seconds": seconds, "peak_rss": peak, "meta": meta, "path": str(next(cache.glob("[0-9a-f]*")))}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss": peak, "meta": meta,
+            "path": str(next(cache.glob("[0-9a-f]*")))}
 
 
 def train_rate(config: str, steps: int) -> float:
@@ -169,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(corpus)
             m = r["meta"]
             rows.append({**r, "scale": scale, "bytes": size, "tokens": m["tokens"]["train"] + m["tokens"]["eval"]})
-            print(f"scale {scale}x: {size / 1e9:.2f} GB in {r['seconds']:.0f} s, peak RSS "
-                  f"{r['peak_rss'] / 2**30:.2f} GiB", flush=True)
+            print(f"scale {scale}x: {size / 1e9:.2f} GB in {r['seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU-s), "
+                  f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
         big = rows[-1]
         store = sum(p.stat().st_size for p in Path(big["path"]).rglob("*") if p.is_file())
         loader = json.loads(subprocess.run(
@@ -182,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nprepare ({args.config}: vocab {cfg.model.vocab_size}, tokenizer sample "
           f"{cfg.data.tokenizer_sample_bytes / 2**20:.0f} MiB, {psutil.cpu_count()} CPUs)")
-    print("| corpus | text | tokens | tokenizer training | wall time | throughput | peak RSS (all processes) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| corpus | text | tokens | tokenizer training | wall time | throughput | CPU time | per CPU-second "
+          "| peak RSS (all processes) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         k = r["meta"]["tokenizer"]
         print(f"| {r['scale']}x | {r['bytes'] / 1e9:.2f} GB | {r['tokens'] / 1e6:,.0f} M | {k['seconds']:.0f} s "
               f"on {k['sample_bytes'] / 2**20:.0f} MiB | {r['seconds']:,.0f} s | "
-              f"{r['bytes'] / 1e6 / r['seconds']:.2f} MB/s | {r['peak_rss'] / 2**30:.2f} GiB |")
+              f"{r['bytes'] / 1e6 / r['seconds']:.2f} MB/s | {r['cpu_seconds']:,.0f} s | "
+              f"{r['bytes'] / 1e6 / r['cpu_seconds']:.2f} MB | {r['peak_rss'] / 2**30:.2f} GiB |")
     ratio = rows[-1]["peak_rss"] / rows[0]["peak_rss"]
     print(f"peak RSS {rows[-1]['scale']}x / {rows[0]['scale']}x = {ratio:.2f} (target within 20%): "
           f"{'ok' if abs(ratio - 1) <= 0.2 else 'NOT FLAT'}")
