@@ -5,6 +5,7 @@ are checked against what was written, and each bad input is refused with one lin
 """
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -125,6 +126,14 @@ def test_parquet_without_the_text_column_is_refused(docs, tmp_path):
     with pytest.raises(ConfigError, match="not text"):
         data.prepare(tiny(tmp_path, path), progress=False)
     assert not list((tmp_path / "cache").glob(".*tmp-*")), "a refused build leaves its directory"
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    for name in ("pyarrow", "pyarrow.parquet", "pyarrow.ipc"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an install without the extra sees
+    path = tmp_path / "docs.parquet"
+    path.write_bytes(b"PAR1")
+    one_line_error(tiny(tmp_path, path), str(path), "pip install 'induction_jax[data]'")
 
 
 @pytest.mark.parametrize("kind", ["bin", "npy", "zarr"])
