@@ -1,42 +1,133 @@
-"""Loader tokens/s next to the training step's tokens/s, measured in one run (target: loader >= 20x).
+"""Prepare throughput and peak memory at 1x and 4x a corpus size, and loader tokens/s next to the train step's.
 
-    python benchmarks/data_throughput.py [--config configs/cpu/attn_only_2l.yaml] [--steps 2000] [key=value ...]
+    python benchmarks/data_throughput.py [--gb 1] [--scales 1 4] [--budget-gb 1] [--workdir DIR]
 
-The training step is timed here directly (jitted value_and_grad of the mean `model.token_losses` plus an
-optax.adamw update) so the comparison does not depend on the trainer's other work.
+Targets: the prepare's peak RSS flat to within 20% between 1x and 4x; the loader at least 20x the train step.
+
+The corpus is local text: the interpreter's standard library and site-packages (.py files), shuffled and repeated
+into 256 MB JSONL shards (one record per file) until it reaches the size asked for. Each prepare runs in its own
+process tree (main process plus tokenizing workers), whose summed RSS is sampled every 0.2 s and whose CPU time
+is counted when it exits: MB per CPU-second does not depend on what else the machine runs. The loader is timed
+in a fresh process on the largest store, reading `global_batch` of the train config's shape; its peak RSS is
+compared with `--budget-gb` and with the store's size. The training step is timed here directly (jitted
+value_and_grad of the mean `model.token_losses` plus an optax.adamw update, one thread) on the same shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import psutil  # noqa: E402
 
-from induction_jax import data, model  # noqa: E402
-from induction_jax.config import ConfigError, load  # noqa: E402
+SHARD_BYTES = 256 << 20
+
+LOADER = """
+import json, resource, sys, time
+from induction_jax import data
+path, seq, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+loader = data.Loader(data.open_prepared(path), seq, batch, seed=0)
+loader.global_batch(0)
+t0 = time.perf_counter()
+for step in range(1, steps + 1):
+    loader.global_batch(step * 7919)  # spread over the store and its epochs
+dt = time.perf_counter() - t0
+print(json.dumps({"tokens_per_s": steps * seq * batch / dt,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
 
 
-def loader_rate(loader: data.Loader, steps: int, sharding=None) -> float:
-    """Tokens/s of global batches (host arrays, or device arrays when a sharding is given)."""
-    fetch = loader.global_batch if sharding is None else (lambda s: loader.device_batch(s, sharding))
-    fetch(0)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        out = fetch(step)
-    jax.block_until_ready(out)
-    return steps * loader.batch_size * loader.seq_len / (time.perf_counter() - t0)
+def local_texts() -> list[str]:
+    paths = sysconfig.get_paths()
+    out = []
+    for root in dict.fromkeys([paths["stdlib"], paths["purelib"]]):
+        for p in sorted(Path(root).rglob("*.py")):
+            try:
+                out.append(p.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, OSError):
+                continue
+    return [t for t in out if t]
 
 
-def train_rate(cfg, tokens_BT: np.ndarray, steps: int) -> float:
-    """Tokens/s of the jitted forward + backward + AdamW update on one fixed batch."""
+def write_corpus(out: Path, total: int, texts: list[str], seed: int) -> int:
+    """JSONL shards of shuffled copies of `texts` until `total` bytes; returns the bytes written."""
+    out.mkdir(parents=True)
+    rng, written, shard, fh = random.Random(seed), 0, 0, None
+    while written < total:
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        for i in order:
+            if fh is None or fh.tell() >= SHARD_BYTES:
+                if fh:
+                    fh.close()
+                fh = open(out / f"shard-{shard:04d}.jsonl", "w", encoding="utf-8")
+                shard += 1
+            line = json.dumps({"text": texts[i]}) + "\n"
+            fh.write(line)
+            written += len(line.encode())
+            if written >= total:
+                break
+    fh.close()
+    return written
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc] + proc.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def run_prepare(config: str, corpus: Path, cache: Path) -> dict:
+    cmd = [sys.executable, "-m", "induction_jax.data", "prepare", "--quiet", "--config", config,
+           f"data.sources=[{corpus}]", f"data.cache_dir={cache}", "data.site_packages=false"]
+    def cpu():  # of every waited-for descendant: the prepare process and, through it, its workers
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
+    proc = psutil.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc))
+        time.sleep(0.2)
+    seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"prepare failed:\n{out}")
+    meta = json.loads(next(cache.glob("[0-9a-f]*/metadata.json")).read_text())
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss": peak, "meta": meta,
+            "path": str(next(cache.glob("[0-9a-f]*")))}
+
+
+def train_rate(config: str, steps: int) -> float:
+    """Tokens/s of the jitted forward + backward + AdamW update on one fixed batch (one thread)."""
+    os.environ.update(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1", JAX_PLATFORMS="cpu")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from induction_jax import model
+    from induction_jax.config import load
+
+    cfg = load(config)
     params = model.init_params(cfg.model, jax.random.key(0))
     net = model.make(cfg.model)
     opt = optax.adamw(cfg.train.lr, b1=cfg.train.b1, b2=cfg.train.b2, weight_decay=cfg.train.weight_decay)
@@ -50,45 +141,78 @@ def train_rate(cfg, tokens_BT: np.ndarray, steps: int) -> float:
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(
+        0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.context)), jnp.int32)
     state = (params, opt.init(params))
-    batch = jnp.asarray(tokens_BT)
-    jax.block_until_ready(step(*state, batch))  # compile
+    jax.block_until_ready(step(*state, tokens_BT))  # compile
     t0 = time.perf_counter()
     for _ in range(steps):
-        *state, loss = step(*state, batch)
+        *state, loss = step(*state, tokens_BT)
     jax.block_until_ready(loss)
     return steps * tokens_BT.size / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/cpu/attn_only_2l.yaml")
-    parser.add_argument("--steps", type=int, default=2000, help="loader steps timed")
-    parser.add_argument("--train-steps", type=int, default=10, help="training steps timed")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--config", default="configs/cpu/attn_only_2l.yaml", help="prepare and train-step config")
+    parser.add_argument("--gb", type=float, default=1.0, help="corpus size at scale 1, in GB (1e9 bytes)")
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--budget-gb", type=float, default=1.0, help="the loader process's memory budget")
+    parser.add_argument("--steps", type=int, default=2000, help="loader batches timed")
+    parser.add_argument("--train-steps", type=int, default=20, help="training steps timed")
+    parser.add_argument("--workdir", default=None, help="where the corpora and stores go (deleted after)")
     args = parser.parse_args(argv)
+    from induction_jax.config import load
+    cfg = load(ROOT / args.config if not Path(args.config).exists() else args.config)
+    work = Path(tempfile.mkdtemp(prefix="data-bench-", dir=args.workdir))
+    rows, texts = [], local_texts()
     try:
-        cfg = load(args.config, args.overrides)
-        prepared = data.prepare(cfg)
-        loader = data.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
-    host = loader_rate(loader, args.steps)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    to_device = loader_rate(loader, args.steps, batch_sharding)
-    train = train_rate(cfg, loader.global_batch(0), args.train_steps)
+        for scale in args.scales:
+            corpus = work / f"corpus-{scale}x"
+            size = write_corpus(corpus, int(scale * args.gb * 1e9), texts, seed=scale)
+            if rows:
+                shutil.rmtree(rows[-1]["path"], ignore_errors=True)  # keep only the largest store
+            r = run_prepare(args.config, corpus, work / f"cache-{scale}x")
+            shutil.rmtree(corpus)
+            m = r["meta"]
+            rows.append({**r, "scale": scale, "bytes": size, "tokens": m["tokens"]["train"] + m["tokens"]["eval"]})
+            print(f"scale {scale}x: {size / 1e9:.2f} GB in {r['seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU-s), "
+                  f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
+        big = rows[-1]
+        store = sum(p.stat().st_size for p in Path(big["path"]).rglob("*") if p.is_file())
+        loader = json.loads(subprocess.run(
+            [sys.executable, "-c", LOADER, big["path"], str(cfg.model.context), str(cfg.train.batch_size),
+             str(args.steps)], cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        train = train_rate(args.config, args.train_steps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nprepare ({args.config}: vocab {cfg.model.vocab_size}, tokenizer sample "
+          f"{cfg.data.tokenizer_sample_bytes / 2**20:.0f} MiB, {psutil.cpu_count()} CPUs)")
+    print("| corpus | text | tokens | tokenizer training | wall time | throughput | CPU time | per CPU-second "
+          "| peak RSS (all processes) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        k = r["meta"]["tokenizer"]
+        print(f"| {r['scale']}x | {r['bytes'] / 1e9:.2f} GB | {r['tokens'] / 1e6:,.0f} M | {k['seconds']:.0f} s "
+              f"on {k['sample_bytes'] / 2**20:.0f} MiB | {r['seconds']:,.0f} s | "
+              f"{r['bytes'] / 1e6 / r['seconds']:.2f} MB/s | {r['cpu_seconds']:,.0f} s | "
+              f"{r['bytes'] / 1e6 / r['cpu_seconds']:.2f} MB | {r['peak_rss'] / 2**30:.2f} GiB |")
+    ratio = rows[-1]["peak_rss"] / rows[0]["peak_rss"]
+    print(f"peak RSS {rows[-1]['scale']}x / {rows[0]['scale']}x = {ratio:.2f} (target within 20%): "
+          f"{'ok' if abs(ratio - 1) <= 0.2 else 'NOT FLAT'}")
     b, t = cfg.train.batch_size, cfg.model.context
-    print(f"config {args.config}: batch {b} x {t} tokens, {jax.devices()[0].platform} x{jax.device_count()}, "
-          f"{prepared.metadata['tokens']['train']:,} train tokens")
-    print(f"| {'measured':<34} | {'tokens/s':>12} | {'x train step':>12} |")
-    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 14}|")
-    for name, rate in [("loader.global_batch (host)", host), ("loader.device_batch (1 device)", to_device),
-                       ("train step (value_and_grad+adamw)", train)]:
-        print(f"| {name:<34} | {rate:>12,.0f} | {rate / train:>12.1f} |")
-    verdict = "ok" if host >= 20 * train else "TOO SLOW"
-    print(f"loader / train step = {host / train:.0f}x (target >= 20x): {verdict}")
+    print(f"\nloader on the {rows[-1]['scale']}x store ({store / 1e9:.2f} GB on disk), batch {b} x {t}")
+    print("| measured | tokens/s | x train step | peak RSS |")
+    print("|---|---:|---:|---:|")
+    print(f"| loader.global_batch (fresh process) | {loader['tokens_per_s']:,.0f} | "
+          f"{loader['tokens_per_s'] / train:.0f} | {loader['peak_rss'] / 2**30:.2f} GiB |")
+    print(f"| train step (value_and_grad + adamw, 1 thread) | {train:,.0f} | 1 | |")
+    fits = loader["peak_rss"] < args.budget_gb * 2**30 < store
+    print(f"loader RSS {loader['peak_rss'] / 2**30:.2f} GiB < budget {args.budget_gb} GiB < store "
+          f"{store / 2**30:.2f} GiB: {'ok' if fits else 'NO'}; loader / train step = "
+          f"{loader['tokens_per_s'] / train:.0f}x (target >= 20x): "
+          f"{'ok' if loader['tokens_per_s'] >= 20 * train else 'TOO SLOW'}")
     return 0
 
 

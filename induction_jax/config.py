@@ -80,8 +80,10 @@ class ModelConfig:
 class DataConfig:
     sources: tuple[str, ...] = ("python-stdlib",)
     site_packages: bool = False  # with python-stdlib: also the interpreter's site-packages
-    text_field: str = "text"  # the field read from JSONL sources
-    tokenizer: str = ""  # path to an existing tokenizer.json; empty = train one
+    text_field: str = "text"  # the field (JSONL) or column (parquet, arrow, HF datasets) holding the text
+    tokenizer: str = ""  # path to an existing tokenizer.json; empty = train one; required for pre-tokenized sources
+    tokenizer_sample_bytes: int = 256 << 20  # the trained tokenizer sees at most this much train text
+    workers: int = 0  # processes that read and tokenize while preparing; 0 = one per CPU core
     eval_fraction: float = 0.03  # share of files held out (chosen by a hash of the path)
     eval_examples: int = 10_000
     eval_length: int = 512
@@ -299,6 +301,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("data.eval_fraction", f"{cfg.data.eval_fraction} must be strictly between 0 and 1")
     if not cfg.data.sources:
         fail("data.sources", "is empty")
+    if cfg.data.tokenizer_sample_bytes < 1:
+        fail("data.tokenizer_sample_bytes", f"must be >= 1, got {cfg.data.tokenizer_sample_bytes}")
+    if cfg.data.workers < 0:
+        fail("data.workers", f"must be >= 0 (0 = one per CPU core), got {cfg.data.workers}")
     if cfg.data.eval_length < 2:
         fail("data.eval_length", f"must be >= 2, got {cfg.data.eval_length}")
     need = 1 + cfg.eval.prefix_tokens * cfg.eval.repeats

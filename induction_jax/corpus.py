@@ -1,8 +1,12 @@
-"""Text sources -> documents split into train / held-out -> a byte-level BPE tokenizer.
+"""Sources -> files with a kind and a content digest; the train / held-out rule; the byte-level BPE tokenizer.
 
-A source (`data.sources` entry) is `python-stdlib`, a file, a directory (every file below it), or a glob pattern;
-files ending in `.jsonl` yield one document per record (the `data.text_field` string). Every user mistake is a
-one-line `ConfigError` naming the source.
+A source (`data.sources` entry) is `python-stdlib`, a file, a directory (every file below it), or a glob pattern.
+Files ending in `.jsonl`, `.parquet` or `.arrow` hold one document per record (the `data.text_field` string or
+column); a directory written by Hugging Face `datasets` (`save_to_disk`, a Dataset or a DatasetDict) is read
+through its arrow files. A pre-tokenized source is a flat uint16 `.bin` (nanoGPT's format), a 1-D integer
+`.npy`, or a zarr array directory, named as a source or matched by a glob (not swept up by a directory walk,
+where such files count as binary), and read with `data.tokenizer`. Every user mistake
+is a one-line `ConfigError` naming the source.
 
 Each document carries a machine-independent `name` (e.g. `python-stdlib/json/decoder.py`): the train/held-out
 split is a hash of that name, so the same interpreter version splits identically on every machine.
@@ -15,12 +19,11 @@ import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 
 from .config import MAX_VOCAB, ConfigError, DataConfig
 
@@ -32,6 +35,11 @@ SPECIAL_TOKENS = (BOS, EOD)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 # Installed-package trees inside the stdlib directory belong to `site_packages`, not to the stdlib.
 _NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
+RECORD_KINDS = {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+TOKEN_SUFFIXES = {".bin": "bin", ".npy": "npy"}
+# Files up to this size are hashed whole for the fingerprint; larger ones by their size and sampled blocks.
+FULL_HASH_BYTES = 4 << 20
+_SAMPLE_BLOCKS, _SAMPLE_BLOCK = 16, 64 << 10
 
 
 @dataclass(frozen=True)
@@ -40,38 +48,11 @@ class SourceFile:
     path: str  # absolute
     source: str  # the `data.sources` entry it came from
     size: int
-    mtime_ns: int
+    kind: str = "text"  # text | jsonl | parquet | arrow | bin | npy | zarr
 
     @property
-    def is_jsonl(self) -> bool:
-        return self.path.endswith(".jsonl")
-
-
-@dataclass
-class Documents:
-    """Decoded documents of one split, in source order."""
-
-    names: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    bytes: int = 0
-
-    def add(self, name: str, text: str) -> None:
-        self.names.append(name)
-        self.texts.append(text)
-        self.bytes += len(text.encode("utf-8"))
-
-
-@dataclass
-class Corpus:
-    train: Documents
-    eval: Documents
-    files: int  # files that contributed at least one document
-    skipped_binary: int
-    skipped_undecodable: int
-    skipped_records: int  # JSONL lines that are not JSON objects with a string `text_field`
-    empty: int
-    content_hash: str
-    skipped_by_file: dict[str, int] = field(default_factory=dict)  # the skipped JSONL lines of each file
+    def pretokenized(self) -> bool:
+        return self.kind in ("bin", "npy", "zarr")
 
 
 def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> Iterator[Path]:
@@ -82,50 +63,116 @@ def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> 
                 yield Path(dirpath) / f
 
 
-def _stat(name: str, path: Path, source: str) -> SourceFile:
-    st = path.stat()
-    return SourceFile(name, str(path.resolve()), source, st.st_size, st.st_mtime_ns)
+def _stat(name: str, path: Path, source: str, kind: str | None = None) -> SourceFile:
+    kind = kind or RECORD_KINDS.get(path.suffix, "text")
+    return SourceFile(name, str(path.resolve()), source, path.stat().st_size, kind)
 
 
 def _stdlib_files(site_packages: bool) -> list[SourceFile]:
     paths = sysconfig.get_paths()
     stdlib = Path(paths["stdlib"])
-    out = [_stat(f"{STDLIB}/{p.relative_to(stdlib).as_posix()}", p, STDLIB)
+    out = [_stat(f"{STDLIB}/{p.relative_to(stdlib).as_posix()}", p, STDLIB, "text")
            for p in _walk(stdlib, ".py", _NOT_STDLIB)]
     if site_packages:
         purelib = Path(paths["purelib"])
         # An editable install's finder module holds the checkout's absolute path: keeping it would make the
         # corpus, hence the data order and the demo's outcome, depend on where the repository was cloned.
-        out += [_stat(f"site-packages/{p.relative_to(purelib).as_posix()}", p, STDLIB)
+        out += [_stat(f"site-packages/{p.relative_to(purelib).as_posix()}", p, STDLIB, "text")
                 for p in _walk(purelib, ".py", frozenset({"__pycache__"})) if not p.name.startswith("__editable__")]
     return out
+
+
+def _hf_arrow_files(src: str, path: Path) -> list[SourceFile] | None:
+    """The arrow files of a `datasets` save_to_disk directory (every split of a DatasetDict), else None."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        return [f for split in splits for f in _hf_arrow_files(src, path / split) or []]
+    if not (path / "state.json").is_file() or not (path / "dataset_info.json").is_file():
+        return None
+    names = [d["filename"] for d in json.loads((path / "state.json").read_text()).get("_data_files", [])]
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise ConfigError(f"data.sources: {src!r}: {path / missing[0]} is listed in state.json but missing")
+    root = Path(os.path.expanduser(src))
+    return [_stat(f"{src.rstrip('/')}/{(path / n).relative_to(root).as_posix()}", path / n, src, "arrow")
+            for n in names]
+
+
+def _zarr_source(src: str, path: Path) -> SourceFile:
+    size = sum(p.stat().st_size for p in _walk(path))
+    return SourceFile(src, str(path.resolve()), src, size, "zarr")
+
+
+def _resolve_one(src: str, site_packages: bool) -> list[SourceFile]:
+    if src == STDLIB:
+        return _stdlib_files(site_packages)
+    if glob.has_magic(src):
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(src), recursive=True))
+        found = [_stat(p.as_posix(), p, src, TOKEN_SUFFIXES.get(p.suffix)) for p in matches if p.is_file()]
+        if not found:
+            raise ConfigError(f"data.sources: {src!r}: no files match this pattern")
+        return found
+    path = Path(os.path.expanduser(src))
+    if path.is_dir():
+        if (path / ".zarray").is_file() or (path / "zarr.json").is_file():
+            return [_zarr_source(src, path)]
+        hf = _hf_arrow_files(src, path)
+        if hf is not None:
+            return hf
+        return [_stat(f"{src.rstrip('/')}/{p.relative_to(path).as_posix()}", p, src) for p in _walk(path)]
+    if path.is_file():
+        return [_stat(src, path, src, TOKEN_SUFFIXES.get(path.suffix))]
+    raise ConfigError(f"data.sources: {src!r}: no such file or directory")
 
 
 def resolve(cfg: DataConfig) -> list[SourceFile]:
     """Every file the sources name, deduplicated by real path, in source order."""
     files: list[SourceFile] = []
     for src in cfg.sources:
-        if src == STDLIB:
-            found = _stdlib_files(cfg.site_packages)
-        elif glob.has_magic(src):
-            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(src), recursive=True))
-            found = [_stat(p.as_posix(), p, src) for p in matches if p.is_file()]
-            if not found:
-                raise ConfigError(f"data.sources: {src!r}: no files match this pattern")
-        else:
-            path = Path(os.path.expanduser(src))
-            if path.is_dir():
-                found = [_stat(f"{src.rstrip('/')}/{p.relative_to(path).as_posix()}", p, src)
-                         for p in _walk(path)]
-            elif path.is_file():
-                found = [_stat(src, path, src)]
-            else:
-                raise ConfigError(f"data.sources: {src!r}: no such file or directory")
+        found = _resolve_one(src, cfg.site_packages)
         if not found:
             raise ConfigError(f"data.sources: {src!r}: contains no files")
         files += found
     seen: set[str] = set()
-    return [f for f in files if not (f.path in seen or seen.add(f.path))]
+    files = [f for f in files if not (f.path in seen or seen.add(f.path))]
+    tokens = [f for f in files if f.pretokenized]
+    if tokens and len(tokens) < len(files):
+        text = next(f for f in files if not f.pretokenized)
+        raise ConfigError(f"data.sources: {tokens[0].source!r} is pre-tokenized but {text.source!r} is text; "
+                          f"a corpus is one or the other")
+    if tokens and not cfg.tokenizer:
+        raise ConfigError(f"data.sources: {tokens[0].source!r} is pre-tokenized: set data.tokenizer to the "
+                          f"tokenizer.json its ids come from")
+    return files
+
+
+def _file_digest(path: Path, size: int) -> str:
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            h.update(f.read())
+        else:  # evenly spaced blocks, the first and last included
+            for i in range(_SAMPLE_BLOCKS):
+                f.seek((size - _SAMPLE_BLOCK) * i // (_SAMPLE_BLOCKS - 1))
+                h.update(f.read(_SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def content_digest(f: SourceFile) -> str:
+    """A digest of the file's bytes (sampled for large files); a zarr directory's metadata, chunk names and sizes
+    and a spread of its chunks."""
+    if f.kind != "zarr":
+        return _file_digest(Path(f.path), f.size)
+    root = Path(f.path)
+    chunks = list(_walk(root))
+    h = hashlib.sha256()
+    step = max(1, len(chunks) // _SAMPLE_BLOCKS)
+    for i, p in enumerate(chunks):
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root).as_posix()}:{size}\n".encode())
+        if p.name in (".zarray", "zarr.json") or i % step == 0:
+            h.update(_file_digest(p, size).encode())
+    return h.hexdigest()
 
 
 def held_out(name: str, eval_fraction: float) -> bool:
@@ -134,74 +181,8 @@ def held_out(name: str, eval_fraction: float) -> bool:
     return h / 2**64 < eval_fraction
 
 
-def _jsonl_records(f: SourceFile, text: str, text_field: str) -> tuple[list[tuple[str, str]], int]:
-    """(name, text) per record, and how many non-blank lines lacked a string `text_field`."""
-    records, bad = [], 0
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        value = rec.get(text_field) if isinstance(rec, dict) else None
-        if isinstance(value, str):
-            records.append((f"{f.name}#{i}", value))
-        else:
-            bad += 1
-    return records, bad
-
-
-def read(files: list[SourceFile], cfg: DataConfig, progress: bool = True) -> Corpus:
-    """Decodes every file, splits documents by name, and hashes the content in a fixed order."""
-    train, held = Documents(), Documents()
-    binary = undecodable = bad_records = empty = used_files = 0
-    bad_by_file: dict[str, int] = {}
-    per_source: dict[str, int] = {f.source: 0 for f in files}
-    content = hashlib.sha256()
-    for f in tqdm(files, desc="reading sources", unit="file", disable=not progress):
-        raw = Path(f.path).read_bytes()
-        # NUL bytes never occur in text, and mark the binary files a directory source sweeps up.
-        if b"\0" in raw:
-            binary += 1
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            undecodable += 1
-            continue
-        if f.is_jsonl:
-            # Records split one by one: a single JSONL file may hold the whole corpus.
-            docs, bad = _jsonl_records(f, text, cfg.text_field)
-            bad_records += bad
-            if bad:
-                bad_by_file[f.name] = bad
-        else:
-            docs = [(f.name, text)]
-        took = False
-        for name, doc in docs:
-            if not doc:
-                empty += 1
-                continue
-            content.update(hashlib.sha256(name.encode()).digest() + hashlib.sha256(doc.encode()).digest())
-            (held if held_out(name, cfg.eval_fraction) else train).add(name, doc)
-            took = True
-        per_source[f.source] += took
-        used_files += took
-    for src, n in per_source.items():
-        if n == 0:
-            raise ConfigError(f"data.sources: {src!r}: no readable text (binary, undecodable, empty, or JSONL "
-                              f"records without a string {cfg.text_field!r} field)")
-    if not train.texts or not held.texts:
-        which = "train" if not train.texts else "held-out"
-        raise ConfigError(f"data.sources: {', '.join(cfg.sources)}: the {which} split is empty "
-                          f"({len(train.texts) + len(held.texts)} documents, data.eval_fraction="
-                          f"{cfg.eval_fraction}); add files or change data.eval_fraction")
-    return Corpus(train, held, used_files, binary, undecodable, bad_records, empty, content.hexdigest(),
-                  bad_by_file)
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, progress: bool = True) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool = True,
+                    length: int | None = None) -> Tokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenisation, lossless round trip) with `<|bos|>` and `<|eod|>`."""
     check_vocab(vocab_size)
     tok = Tokenizer(models.BPE())
@@ -209,7 +190,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, progress: bool = True) ->
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
-    tok.train_from_iterator(texts, trainer, length=len(texts))
+    tok.train_from_iterator(texts, trainer, length=length)
     return tok
 
 

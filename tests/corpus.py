@@ -30,3 +30,18 @@ def prepared_tiny(root: Path) -> tuple[Path, list[str]]:
     overrides = tiny_overrides(root)
     data.prepare(config.load("configs/cpu/tiny.yaml", overrides), progress=False)
     return root, overrides
+
+
+def one_line_error(cfg, *needles) -> str:
+    """Prepares `cfg`, expecting a one-line ConfigError that contains every needle; returns the message."""
+    import pytest
+
+    from induction_jax import config, data
+
+    with pytest.raises(config.ConfigError) as e:
+        data.prepare(cfg, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg

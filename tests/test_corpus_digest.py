@@ -1,13 +1,14 @@
 """The demo's corpus (the standard library plus the locked venv's site-packages) is the same on every machine with
 the same Python version: its content digest matches the one recorded in configs/cpu/corpus-digests.json."""
 
+import hashlib
 import json
 import platform
 from pathlib import Path
 
 import pytest
 
-from induction_jax import config, corpus, demo
+from induction_jax import config, corpus, demo, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,5 +34,7 @@ def test_demo_corpus_matches_the_recorded_digest(monkeypatch):
     if mismatches:
         pytest.skip(f"not the environment of {demo.LOCK} (make test builds it): {mismatches[:3]}")
     cfg = config.load(ROOT / "configs/cpu/attn_only_2l.yaml")
-    files = corpus.resolve(cfg.data)
-    assert corpus.read(files, cfg.data, progress=False).content_hash == record["content_sha256"]
+    content = hashlib.sha256()  # what prepare records as content_sha256: every document's name and text, in order
+    for piece in sources.plan(corpus.resolve(cfg.data), cfg.data):
+        content.update(sources.read_piece(piece, cfg.data).digests)
+    assert content.hexdigest() == record["content_sha256"]

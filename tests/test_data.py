@@ -9,12 +9,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from induction_jax import cli, corpus, data
+from corpus import one_line_error
+from induction_jax import build, cli, corpus, data, sources
 from induction_jax.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +60,29 @@ def test_global_batch_is_a_pure_function_of_seed_and_step(prepared):
     assert run[0].shape == (BATCH, SEQ) and run[0].dtype == np.int32
     other = data.Loader(prepared, SEQ, BATCH, seed=4)
     assert not np.array_equal(other.global_batch(0), run[0])
+
+
+def in_memory_batch(tokens_M, seq_len, batch, seed, step):
+    """The global batch as the in-memory loader made it (the demo's recorded data order): the whole stream cut
+    into windows, visited in the order of a Grain shuffle seeded per epoch by SeedSequence([seed, epoch])."""
+    w = tokens_M.size // seq_len
+    windows_WT = tokens_M[: w * seq_len].reshape(-1, seq_len)
+    rows = []
+    for g in range(step * batch, (step + 1) * batch):
+        epoch, p = divmod(g, w)
+        epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
+        rows.append(grain.MapDataset.range(w).shuffle(seed=epoch_seed).map(lambda i: windows_WT[i])[p])
+    return np.stack(rows).astype(np.int32)
+
+
+def test_lazy_loader_gives_the_in_memory_loaders_batches(prepared):
+    tokens_M = prepared.train_tokens()
+    for seed, seq_len, batch in [(0, SEQ, BATCH), (7, 24, 5)]:
+        loader = data.Loader(prepared, seq_len, batch, seed)
+        steps = 3 * loader.windows_per_epoch // batch + 2  # several epochs, batches straddling their ends
+        for step in list(range(0, steps, 7)) + [steps - 1]:
+            np.testing.assert_array_equal(loader.global_batch(step),
+                                          in_memory_batch(tokens_M, seq_len, batch, seed, step))
 
 
 def test_each_window_once_per_epoch_and_epochs_differ(prepared):
@@ -130,70 +155,111 @@ def test_eval_set_fixed_across_prepares_and_hashed(prepared, corpus_dir, tmp_pat
     assert sum(s == 0 or stream[s - 1] == prepared.eod_id for s in starts) < len(starts) // 2
 
 
-def test_second_prepare_is_a_no_op(tmp_path, monkeypatch):
-    corpus_dir = write_corpus(tmp_path / "text", n_files=20)
+def test_second_prepare_is_a_no_op_and_keyed_on_content(tmp_path, monkeypatch):
+    corpus_dir = write_corpus(tmp_path / "text")  # 40 files: a held-out split (1 in 5) is all but certain
     cfg = make_cfg([corpus_dir], tmp_path / "cache")
     first = data.prepare(cfg, progress=False)
 
     def must_not_run(*a, **k):
-        raise AssertionError("prepare re-read the corpus")
+        raise AssertionError("prepare rebuilt the corpus")
 
-    monkeypatch.setattr(corpus, "read", must_not_run)
+    monkeypatch.setattr(build, "build", must_not_run)
     assert data.prepare(cfg, progress=False).path == first.path
     assert data.open_prepared(first.path).metadata == first.metadata
-    # A changed input is a new fingerprint, so it is rebuilt.
-    monkeypatch.undo()
+    # New mtimes on the same bytes (a reinstalled venv) are the same corpus.
     os.utime(corpus_dir / "doc00.txt", ns=(1, 1))
+    assert data.prepare(cfg, progress=False).path == first.path
+    # Changed content is a new fingerprint, so it is rebuilt.
+    monkeypatch.undo()
+    (corpus_dir / "doc00.txt").write_text((corpus_dir / "doc00.txt").read_text().replace("café", "cafe"))
     assert data.prepare(cfg, progress=False).path != first.path
 
 
-def test_interrupted_prepare_leaves_nothing_complete(corpus_dir, tmp_path, monkeypatch):
-    cfg = make_cfg([corpus_dir], tmp_path)
-    real, calls = data._write_array, []
+def test_large_files_are_hashed_by_size_and_sampled_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "FULL_HASH_BYTES", 1000)
+    path = tmp_path / "big.txt"
+    body = bytearray(np.random.default_rng(0).integers(97, 123, 200_000, dtype=np.uint8).tobytes())
+    path.write_bytes(body)
+    f = corpus.resolve(make_cfg([path], tmp_path).data)[0]
+    before = corpus.content_digest(f)
+    body[0] ^= 1  # the first block is always sampled
+    path.write_bytes(body)
+    assert corpus.content_digest(f) != before
+    body[0] ^= 1
+    path.write_bytes(body)
+    assert corpus.content_digest(f) == before
 
-    def fail_midway(*a, **k):
-        calls.append(a[1])
-        if len(calls) == 3:
+
+def _interrupt(monkeypatch, target, name, after):
+    """Makes `target.name` raise KeyboardInterrupt on its call number `after` (a kill at that point)."""
+    real, calls = getattr(target, name), []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == after:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(data, "_write_array", fail_midway)
+    monkeypatch.setattr(target, name, wrapped)
+
+
+@pytest.mark.parametrize("where", ["before_commit", "after_commit"])
+def test_interrupted_prepare_resumes_without_redoing_finished_pieces(corpus_dir, tmp_path, monkeypatch, where):
+    monkeypatch.setattr(sources, "PIECE_BYTES", 8 << 10)  # several pieces from the small corpus
+    cfg = make_cfg([corpus_dir], tmp_path / "cache", workers=1)
+    whole = data.prepare(make_cfg([corpus_dir], tmp_path / "whole", workers=1), progress=False)
+    n_pieces = len(sources.plan(corpus.resolve(cfg.data), cfg.data))
+    assert n_pieces >= 5
+    # Killed while the fourth piece was being committed: its tokens written, progress.json not yet, or after.
+    _interrupt(monkeypatch, build, *(("_save_state", 5) if where == "before_commit" else ("_commit", 4)))
     with pytest.raises(KeyboardInterrupt):
         data.prepare(cfg, progress=False)
-    assert calls[:2] == ["train_tokens", "eval_tokens"]
-    assert list(tmp_path.iterdir()) == []
+    partial = list((tmp_path / "cache").glob(".*tmp-*"))
+    assert len(partial) == 1 and not (partial[0] / "metadata.json").exists()
+    done = json.loads((partial[0] / "progress.json").read_text())["pieces"]
+    assert done == 3
     monkeypatch.undo()
-    assert (Path(data.prepare(cfg, progress=False).path) / "metadata.json").is_file()
+    monkeypatch.setattr(sources, "PIECE_BYTES", 8 << 10)
+    encoded = []
+    real = build._encode_task
+    monkeypatch.setattr(build, "_encode_task", lambda task: encoded.append(task[0]) or real(task))
+    monkeypatch.setattr(corpus, "train_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was trained again"))
+    resumed = data.prepare(cfg, progress=False)
+    assert len(encoded) == n_pieces - done
+    assert list((tmp_path / "cache").glob(".*tmp-*")) == []
+    for key in ("tokens_sha256", "content_sha256", "tokens", "documents", "bytes", "files", "eval"):
+        assert resumed.metadata[key] == whole.metadata[key], key
+    assert resumed.splits() == whole.splits()
+    np.testing.assert_array_equal(resumed.frequencies, whole.frequencies)
 
 
-def _one_line_error(cfg, *needles):
-    with pytest.raises(ConfigError) as e:
-        data.prepare(cfg, progress=False)
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
+def test_bad_input_leaves_no_build_directory(corpus_dir, tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="no readable text"):
+        data.prepare(make_cfg([corpus_dir, junk], tmp_path / "cache"), progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_errors_are_one_line_and_name_the_source(corpus_dir, tmp_path):
     missing = tmp_path / "nope"
-    _one_line_error(make_cfg([missing], tmp_path), str(missing))
+    one_line_error(make_cfg([missing], tmp_path), str(missing))
     pattern = f"{corpus_dir}/*.md"
-    _one_line_error(make_cfg([pattern], tmp_path), pattern)
+    one_line_error(make_cfg([pattern], tmp_path), pattern)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.bin").write_bytes(b"\x00\x01")
     (junk / "b.txt").write_bytes(b"\xff\xfe")
     (junk / "c.txt").write_text("")
-    _one_line_error(make_cfg([corpus_dir, junk], tmp_path), str(junk), "no readable text")
+    one_line_error(make_cfg([corpus_dir, junk], tmp_path), str(junk), "no readable text")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(make_cfg([empty], tmp_path), str(empty))
+    one_line_error(make_cfg([empty], tmp_path), str(empty))
     big = make_cfg([corpus_dir], tmp_path)
     big = dataclasses.replace(big, model=dataclasses.replace(big.model, vocab_size=70_000))
-    _one_line_error(big, "model.vocab_size", "70000")
-    _one_line_error(make_cfg([corpus_dir], tmp_path, tokenizer=str(tmp_path / "tok.json")), "tok.json")
+    one_line_error(big, "model.vocab_size", "70000")
+    one_line_error(make_cfg([corpus_dir], tmp_path, tokenizer=str(tmp_path / "tok.json")), "tok.json")
     assert not any(p.name != "junk" and p.name != "empty" for p in tmp_path.iterdir())
 
 
@@ -205,7 +271,7 @@ def test_user_tokenizer_is_used_and_checked(prepared, corpus_dir, tmp_path):
     np.testing.assert_array_equal(used.train_tokens(), prepared.train_tokens())
     wrong = make_cfg([corpus_dir], tmp_path / "c", tokenizer=str(path))
     wrong = dataclasses.replace(wrong, model=dataclasses.replace(wrong.model, vocab_size=512))
-    _one_line_error(wrong, str(path), "512")
+    one_line_error(wrong, str(path), "512")
 
 
 def test_jsonl_records_split_one_by_one(tmp_path):
@@ -216,10 +282,10 @@ def test_jsonl_records_split_one_by_one(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     p = data.prepare(make_cfg([path], tmp_path / "cache", text_field="body"), progress=False)
-    assert p.metadata["files"]["skipped_jsonl_records"] == 2
+    assert p.metadata["files"]["skipped_records"] == 2
     splits = p.splits()
     assert len(splits["train"]) + len(splits["eval"]) == 200 and splits["eval"]
-    _one_line_error(make_cfg([path], tmp_path / "cache", text_field="missing"), str(path), "'missing'")
+    one_line_error(make_cfg([path], tmp_path / "cache", text_field="missing"), str(path), "'missing'")
 
 
 def test_python_stdlib_source_resolves():

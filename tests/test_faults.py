@@ -339,7 +339,7 @@ def test_unreadable_snapshot_is_one_line(trained, tmp_path):
 
 # -- accepted silently ----------------------------------------------------------------------------------------------
 
-def test_skipped_jsonl_records_are_reported(base, tmp_path, capfd):
+def test_skipped_records_are_reported(base, tmp_path, capfd):
     root, ov = base
     src = make_corpus(root)
     lines = [json.dumps({"text": p.read_text()}) for p in sorted(src.rglob("*.py"))[:60]]
@@ -350,8 +350,8 @@ def test_skipped_jsonl_records_are_reported(base, tmp_path, capfd):
     capfd.readouterr()
     prepared = data.prepare(cfg, progress=False)
     err = capfd.readouterr().err
-    assert "skipped 3 JSONL line(s)" in err and "docs.jsonl: 3" in err, err
-    assert "3 JSONL lines" in data.summary(prepared)
+    assert "skipped 3 record(s) without a string 'text' field" in err and "docs.jsonl: 3" in err, err
+    assert "3 records without a string text field" in data.summary(prepared)
 
 
 def test_failed_data_preparation_leaves_no_config(base, tmp_path):
@@ -367,10 +367,10 @@ def test_failed_data_preparation_leaves_no_config(base, tmp_path):
     assert train.train(config.load(TINY, ov + QUIET + ["train.steps=2"]), run_dir, progress=False)["step"] == 2
 
 
-def test_killed_prepare_leaves_no_build_directory(base, tmp_path):
-    _, ov = base
+def test_killed_prepare_is_resumed_and_leaves_no_build_directory(base, tmp_path):
+    _, base_ov = base
     cache = tmp_path / "cache"
-    ov = ov + [f"data.cache_dir={cache}"]
+    ov = base_ov + [f"data.cache_dir={cache}"]
     p = subprocess.Popen(_cmd("data", "prepare", "--config", TINY, "--no-progress", *ov), env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -384,8 +384,10 @@ def test_killed_prepare_leaves_no_build_directory(base, tmp_path):
     try:
         busy = cache / f".{uuid.uuid4().hex[:20]}.tmp-{socket.gethostname()}-{live.pid}-abc123"
         busy.mkdir()
-        data.prepare(config.load(TINY, ov), progress=False)
+        resumed = data.prepare(config.load(TINY, ov), progress=False)
         assert [d.name for d in cache.glob(".*tmp-*")] == [busy.name]
+        whole = data.prepare(config.load(TINY, base_ov), progress=False)  # prepared uninterrupted by the fixture
+        assert resumed.path != whole.path and resumed.metadata["tokens_sha256"] == whole.metadata["tokens_sha256"]
     finally:
         live.kill()
         live.wait()

@@ -1,0 +1,311 @@
+"""Streaming build of a prepared directory: pieces read and tokenized in worker processes, appended in order.
+
+Memory does not grow with the corpus: a piece (`sources.PIECE_BYTES` of source) is read, split and tokenized in
+a worker, and its tokens are appended to the train / held-out token streams as soon as the pieces before it are.
+The tokenizer is trained first, on at most `data.tokenizer_sample_bytes` of train text from pieces spread over
+the corpus (all of it when the corpus is smaller). After every piece, progress.json records what is committed;
+a build directory left by a killed prepare resumes at the first piece it does not list. Finished pieces are then
+read again only to hash their content (metadata's content_sha256), never tokenized again.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from . import corpus, sources, tokenstore
+from .config import Config, ConfigError
+from .sources import SPLITS
+
+CODE_VERSION = 2  # bump whenever prepared output would change for the same inputs
+_EVAL_STREAM = 1  # separates the eval set's random stream from any other use of data.eval_seed
+_ENCODE_CHARS = 1 << 20  # text per encode_batch call: bounds the Encoding objects held at once
+_W: dict = {}  # a worker's settings, set by _init
+
+
+def _init(data_cfg, vocab: int, single: bool) -> None:
+    if not single:  # one process per core already: no Rayon threads on top
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _W.update(cfg=data_cfg, vocab=vocab, tok=None, tok_path=None)
+
+
+def _sample_task(task) -> list[str]:
+    return sources.read_piece(task[0], _W["cfg"]).texts["train"]
+
+
+def _digest_task(task) -> bytes:
+    piece, _, eod_id = task
+    return bytes(sources.read_piece(piece, _W["cfg"], _W["vocab"], eod_id).digests)
+
+
+def encode(tok: Tokenizer, texts: list[str], eod_id: int) -> np.ndarray:
+    """One uint16 stream: every document followed by `<|eod|>`."""
+    parts: list[np.ndarray] = []
+    eod = np.array([eod_id], np.uint16)
+    start = 0
+    while start < len(texts):
+        stop, chars = start, 0
+        while stop < len(texts) and chars < _ENCODE_CHARS:
+            chars += len(texts[stop])
+            stop += 1
+        for enc in tok.encode_batch_fast(texts[start:stop], add_special_tokens=False):
+            parts += [np.asarray(enc.ids, np.uint16), eod]
+        start = stop
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def _encode_task(task) -> sources.PieceDocs:
+    piece, tok_path, eod_id = task
+    docs = sources.read_piece(piece, _W["cfg"], _W["vocab"], eod_id)
+    if docs.tokens is None:
+        if _W["tok_path"] != tok_path:
+            _W.update(tok=Tokenizer.from_file(tok_path), tok_path=tok_path)
+        docs.tokens = {s: encode(_W["tok"], docs.texts[s], eod_id) for s in SPLITS}
+        docs.texts = {}  # not sent back
+    return docs
+
+
+def _ordered(pool: ProcessPoolExecutor, fn, tasks, ahead: int):
+    """fn over tasks in the pool, results in task order, at most `ahead` tasks in flight (bounded memory)."""
+    pending: collections.deque = collections.deque()
+    for task in tasks:
+        pending.append(pool.submit(fn, task))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+@contextlib.contextmanager
+def _workers(n: int, data_cfg, vocab: int):
+    """A map(fn, tasks) in order: in this process for n <= 1, else over n spawned processes (spawn, not fork:
+    the caller may hold JAX's threads)."""
+    if n <= 1:
+        _init(data_cfg, vocab, True)
+        yield map
+        return
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
+                               initargs=(data_cfg, vocab, False))
+    try:
+        yield lambda fn, tasks: _ordered(pool, fn, tasks, 2 * n)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _new_state(plan_id: str, vocab: int) -> dict:
+    zero = {s: 0 for s in SPLITS}
+    return {"plan": plan_id, "pieces": 0, "tokens": dict(zero), "names_bytes": dict(zero), "documents": dict(zero),
+            "bytes": dict(zero), "binary": 0, "undecodable": 0, "empty": 0, "skipped": 0, "skipped_by_file": {},
+            "files_read": 0, "last_file": "", "per_source": {}, "frequencies": [0] * vocab,
+            "tokenizer_seconds": 0.0, "sample_bytes": 0, "encode_seconds": 0.0}
+
+
+def _load_state(out: Path, plan_id: str, vocab: int) -> dict:
+    path = out / "progress.json"
+    if path.is_file():
+        state = json.loads(path.read_text())
+        if state.get("plan") == plan_id:
+            return state
+    return _new_state(plan_id, vocab)
+
+
+def _save_state(out: Path, state: dict) -> None:
+    tmp = out / "progress.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(out / "progress.json")
+
+
+def _commit(state: dict, docs: sources.PieceDocs, name_files: dict) -> None:
+    for s in SPLITS:
+        state["tokens"][s] += int(docs.tokens[s].size)
+        state["documents"][s] += len(docs.names[s])
+        state["bytes"][s] += docs.bytes[s]
+        name_files[s].write("".join(json.dumps(n) + "\n" for n in docs.names[s]).encode())
+        name_files[s].flush()
+        state["names_bytes"][s] = name_files[s].tell()
+    for key in ("binary", "undecodable", "empty", "skipped"):
+        state[key] += getattr(docs, key)
+    for name, n in docs.skipped_by_file.items():
+        state["skipped_by_file"][name] = state["skipped_by_file"].get(name, 0) + n
+    for name, source in docs.used:  # a file may span pieces: count it once
+        if name != state["last_file"]:
+            state["files_read"] += 1
+            state["per_source"][source] = state["per_source"].get(source, 0) + 1
+            state["last_file"] = name
+    freq = np.asarray(state["frequencies"], np.int64)
+    freq += np.bincount(docs.tokens["train"], minlength=freq.size)[: freq.size]
+    state["frequencies"] = freq.tolist()
+
+
+def _names_file(out: Path, split: str, length: int):
+    path = out / f"documents-{split}.txt"
+    path.touch()
+    os.truncate(path, length)  # drop names a killed build wrote after its last commit
+    return open(path, "ab")
+
+
+def _tokenizer(cfg: Config, user_tok, pieces, state: dict, out: Path, pmap, progress: bool) -> Tokenizer:
+    path = out / "tokenizer.json"
+    if path.is_file():  # a resumed build keeps the tokenizer it started with
+        return Tokenizer.from_file(str(path))
+    if user_tok is not None:
+        user_tok.save(str(path))
+        return user_tok
+    budget = cfg.data.tokenizer_sample_bytes
+    chosen = sources.sample(pieces, budget)
+    bar = tqdm(total=min(budget, sum(pieces[i].size for i in chosen)), desc="reading the tokenizer's sample",
+               unit="B", unit_scale=True, disable=not progress)
+
+    def texts():
+        for batch in pmap(_sample_task, [(pieces[i], "", -1) for i in chosen]):
+            for text in batch:
+                n = len(text.encode("utf-8"))
+                if state["sample_bytes"] + n > budget and state["sample_bytes"]:
+                    return
+                state["sample_bytes"] += n
+                bar.update(n)
+                yield text
+
+    t0 = time.perf_counter()
+    tok = corpus.train_tokenizer(texts(), cfg.model.vocab_size, progress)
+    bar.close()
+    state["tokenizer_seconds"] = round(time.perf_counter() - t0, 3)
+    tok.save(str(path))
+    _save_state(out, state)
+    return tok
+
+
+def sha256_eval(windows_NL: np.ndarray, index_N: np.ndarray) -> str:
+    h = hashlib.sha256(f"{windows_NL.shape[0]}x{windows_NL.shape[1]}".encode())
+    h.update(windows_NL.astype("<u2").tobytes())
+    h.update(index_N.astype("<i4").tobytes())
+    return h.hexdigest()
+
+
+def eval_offsets(stream_size: int, n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """N window offsets, uniformly random in the held-out stream, and one random token index in [1, L-1] each.
+
+    Offsets, not document starts: the content at every token index is then identically distributed, and only the
+    available context differs (docs/method.md §3).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _EVAL_STREAM]))
+    offsets_N = rng.integers(0, stream_size - length + 1, size=n)
+    index_N = rng.integers(1, length, size=n).astype(np.int32)
+    return offsets_N, index_N
+
+
+def build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Tokenizer | None, out: Path,
+          eval_length: int, progress: bool) -> None:
+    """Fills (or resumes filling) `out`; metadata.json, written last, marks it complete."""
+    d = cfg.data
+    eod_hint = user_tok.token_to_id(corpus.EOD) if user_tok is not None else -1
+    pieces = sources.plan(files, d, sources.PIECE_BYTES, eod_hint)
+    plan_id = hashlib.sha256(repr([([f.name for f in p.files], p.start, p.stop) for p in pieces]).encode())
+    vocab = max(cfg.model.vocab_size, user_tok.get_vocab_size() if user_tok is not None else 0)
+    state = _load_state(out, plan_id.hexdigest(), vocab)
+    done = state["pieces"]
+    with _workers(min(d.workers or os.cpu_count() or 1, len(pieces)), d, vocab) as pmap:
+        tok = _tokenizer(cfg, user_tok, pieces, state, out, pmap, progress)
+        bos_id, eod_id = (tok.token_to_id(s) for s in corpus.SPECIAL_TOKENS)
+        tasks = [(p, str(out / "tokenizer.json"), eod_id) for p in pieces]
+        streams = {s: tokenstore.Stream(out, f"{s}_tokens", state["tokens"][s]) for s in SPLITS}
+        name_files = {s: _names_file(out, s, state["names_bytes"][s]) for s in SPLITS}
+        content = hashlib.sha256()
+        try:
+            for digests in tqdm(pmap(_digest_task, tasks[:done]), total=done, desc="hashing finished pieces",
+                                unit="piece", disable=not progress or not done):
+                content.update(digests)
+            with tqdm(total=sum(p.size for p in pieces), initial=sum(p.size for p in pieces[:done]),
+                      desc="copying tokens" if files[0].pretokenized else "tokenizing",
+                      unit="B", unit_scale=True, disable=not progress) as bar:
+                t0 = time.perf_counter()
+                for i, docs in enumerate(pmap(_encode_task, tasks[done:]), done):
+                    for s in SPLITS:
+                        streams[s].append(docs.tokens[s])
+                    _commit(state, docs, name_files)
+                    content.update(docs.digests)
+                    state["pieces"] = i + 1
+                    state["encode_seconds"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    _save_state(out, state)
+                    bar.update(pieces[i].size)
+        finally:
+            for f in name_files.values():
+                f.close()
+    _finish(cfg, files, fp, user_tok is None, tok, bos_id, eod_id, state, content.hexdigest(), out, eval_length,
+            progress)
+
+
+def _check_splits(cfg: Config, files: list[corpus.SourceFile], state: dict) -> None:
+    d = cfg.data
+    if state["skipped"]:
+        worst = sorted(state["skipped_by_file"].items(), key=lambda kv: -kv[1])
+        where = ", ".join(f"{name}: {n}" for name, n in worst[:3]) + (", ..." if len(worst) > 3 else "")
+        print(f"warning: data.sources: skipped {state['skipped']} record(s) without a string {d.text_field!r} "
+              f"field ({where})", file=sys.stderr, flush=True)
+    for src in dict.fromkeys(f.source for f in files):
+        if not state["per_source"].get(src):
+            raise ConfigError(f"data.sources: {src!r}: no readable text (binary, undecodable, empty, or records "
+                              f"without a string {d.text_field!r} field)")
+    docs = state["documents"]
+    if not docs["train"] or not docs["eval"]:
+        which = "train" if not docs["train"] else "held-out"
+        raise ConfigError(f"data.sources: {', '.join(d.sources)}: the {which} split is empty "
+                          f"({docs['train'] + docs['eval']} documents, data.eval_fraction={d.eval_fraction}); "
+                          f"add files or change data.eval_fraction")
+
+
+def _finish(cfg: Config, files, fp: str, trained: bool, tok: Tokenizer, bos_id: int, eod_id: int, state: dict,
+            content_sha: str, out: Path, length: int, progress: bool) -> None:
+    d = cfg.data
+    _check_splits(cfg, files, state)
+    train = tokenstore.open_array(out, "train_tokens")
+    held = tokenstore.open_array(out, "eval_tokens")
+    if held.shape[0] < length:
+        raise ConfigError(f"data.sources: {', '.join(d.sources)}: the held-out split has {held.shape[0]} "
+                          f"tokens, fewer than one eval window of {length}; raise data.eval_fraction")
+    offsets_N, index_N = eval_offsets(held.shape[0], d.eval_examples, length, d.eval_seed)
+    windows_NL = tokenstore.windows(held, offsets_N, length)
+    tokens_sha = hashlib.sha256()
+    with tqdm(total=train.shape[0] + held.shape[0], desc="hashing the token store", unit="tok", unit_scale=True,
+              disable=not progress) as bar:
+        tokenstore.update_sha256(tokens_sha, train, bar)
+        tokenstore.update_sha256(tokens_sha, held, bar)
+    tokens_sha.update(tok.to_str().encode())
+    tokenstore.write(out, "eval_windows", windows_NL)
+    tokenstore.write(out, "eval_index", index_N)
+    tokenstore.write(out, "frequencies", np.asarray(state["frequencies"], np.int64))
+    metadata = {
+        "code_version": CODE_VERSION, "fingerprint": fp, "python_version": sys.version.split()[0],
+        "sources": list(d.sources), "site_packages": d.site_packages, "content_sha256": content_sha,
+        "pretokenized": files[0].pretokenized,
+        "files": {"read": state["files_read"], "skipped_binary": state["binary"],
+                  "skipped_undecodable": state["undecodable"], "skipped_records": state["skipped"],
+                  "empty_documents": state["empty"]},
+        "documents": state["documents"], "bytes": state["bytes"],
+        "tokens": {"train": int(train.shape[0]), "eval": int(held.shape[0])},
+        "tokens_sha256": tokens_sha.hexdigest(),
+        "tokenizer": {"trained": trained, "source": d.tokenizer or "trained on the train split",
+                      "vocab": tok.get_vocab_size(), "seconds": state["tokenizer_seconds"],
+                      "sample_bytes": state["sample_bytes"], "encode_seconds": round(state["encode_seconds"], 3),
+                      "tokenizers_version": tokenizers.__version__},
+        "vocab_size": cfg.model.vocab_size, "bos_id": bos_id, "eod_id": eod_id,
+        "eval": {"examples": d.eval_examples, "length": length, "seed": d.eval_seed,
+                 "fraction": d.eval_fraction, "sha256": sha256_eval(windows_NL, index_N)},
+    }
+    (out / "progress.json").unlink()
+    # Written last: a directory with metadata.json is complete, whatever else happened to it.
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=1))
