@@ -12,7 +12,8 @@ import pytest
 import tensorstore as ts
 
 from corpus import make_corpus, one_line_error
-from induction_jax import analyze, config, corpus, data, sources, train
+from induction_jax import config, corpus, data, scoring, sources, store, train
+from induction_jax.run import Run
 from induction_jax.config import ConfigError
 
 TINY = "configs/cpu/tiny.yaml"
@@ -64,9 +65,10 @@ def check_end_to_end(tmp_path, source, *extra):
     cfg = tiny(tmp_path, source, *extra, "train.steps=4", "snapshots.every=4", "train.probe_every=0")
     out = tmp_path / "run"
     assert train.train(cfg, out, progress=False)["step"] == 4
-    ctx = analyze.analyze_run(out, progress=False)
-    assert ctx.store.sorted_steps(analyze.SECTION) == [4]
-    losses = ctx.store.read(analyze.SECTION, "per_token_loss")
+    run = Run.open(out)
+    scoring.analyze_run(run, progress=False)
+    assert run.store.sorted_steps(store.EVAL) == [4]
+    losses = run.store.read(store.EVAL, "per_token_loss")
     assert np.isfinite(losses).all() and 0 < losses.mean() < 10
 
 
