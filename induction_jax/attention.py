@@ -19,7 +19,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-PATHS = ("auto", "explicit", "fused")
 NEG = jnp.finfo(jnp.float32).min
 
 
