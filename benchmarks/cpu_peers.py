@@ -5,8 +5,9 @@
 Jobs, each on the same model shape (the config's; attention-only, shortformer positions, LayerNorm):
 - train: one AdamW step on a batch of the config's batch size (tokens/s), at 1 and at 2 threads;
 - ablate: the pattern-preserving ablation of every head, one at a time, on `--examples` windows of the full
-  context (seconds): ours is the vmapped job (`ablation.ablated_losses`), the peer a hook loop that replaces every
-  pattern with the clean run's and zeroes one head's z;
+  context, `--ablate-batch` windows per call (seconds; one row per batch size): ours is what `ablate` runs per
+  snapshot (`ablation.ablate_eval_set`, all heads' lanes vmapped, with the ICL statistics it stores), the peer a
+  hook loop that replaces every pattern with the clean run's and zeroes one head's z;
 - loss: per-token losses of the eval windows (tokens/s).
 Each figure is the best of `--rounds` child processes, ours and the peer's alternating, each with its thread count
 fixed before its library starts (torch and XLA never share a process: loaded together, XLA's step ran 1.6x
@@ -16,6 +17,7 @@ slower). Without torch and transformer_lens (the `tl` extra) the table has our c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,7 +38,7 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def ours(job: str, cfg, examples: int):
+def ours(job: str, cfg, examples: int, batch: int):
     """(callable, work per call: tokens, or None when the figure is seconds)."""
     import jax
     import jax.numpy as jnp
@@ -64,11 +66,13 @@ def ours(job: str, cfg, examples: int):
     if job == "loss":
         return (lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size)), tokens.size
     masks = ablation.single_head_masks(m.n_layers, m.n_heads)
-    batches = [jnp.asarray(tokens[i: i + cfg.eval.batch_size]) for i in range(0, examples, cfg.eval.batch_size)]
-    return (lambda: [np.asarray(ablation.ablated_losses(model, params, b, masks)) for b in batches]), None
+    # ablate_eval_set runs eval.batch_size // lanes windows per call
+    eval_cfg = dataclasses.replace(cfg.eval, batch_size=batch * len(masks))
+    random_index = rng.integers(m.context // 2, m.context, examples)
+    return (lambda: ablation.ablate_eval_set(model, params, tokens, random_index, masks, eval_cfg)), None
 
 
-def peer(job: str, cfg, examples: int):
+def peer(job: str, cfg, examples: int, batch: int):
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -91,7 +95,7 @@ def peer(job: str, cfg, examples: int):
             opt.step()
         return train, tokens.numel()
     tokens = torch.randint(0, m.vocab_size, (examples, m.context), generator=gen)
-    batches = tokens.split(cfg.eval.batch_size)
+    batches = tokens.split(cfg.eval.batch_size if job == "loss" else batch)
     if job == "loss":
         def losses():
             with torch.no_grad():
@@ -122,17 +126,18 @@ def _child(args) -> None:
     if args.child == "peer":
         import torch
         torch.set_num_threads(args.threads[0])
-    fn, work = (ours if args.child == "ours" else peer)(args.job, cfg, args.examples)
+    fn, work = (ours if args.child == "ours" else peer)(args.job, cfg, args.examples, args.batch)
     best = _best_time(fn, args.repeats)
     print(json.dumps({"value": best if work is None else work / best}))
 
 
-def _measure(who: str, job: str, threads: int, args) -> float | None:
+def _measure(who: str, job: str, threads: int, batch: int, args) -> float | None:
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads))
     if threads == 1:
         env["XLA_FLAGS"] = SINGLE_THREAD
     cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", str(threads), "--config",
-           args.config, "--examples", str(args.examples), "--repeats", str(args.repeats), *args.overrides]
+           args.config, "--examples", str(args.examples), "--repeats", str(args.repeats), "--batch", str(batch),
+           *args.overrides]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
@@ -154,7 +159,11 @@ def main() -> None:
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ablate-batch", type=int, nargs="*", default=[4, 32],
+                    help="windows per call in the ablate job, one row each (4: what `ablate` runs with the "
+                         "demo's eval.batch_size 32 and 8 heads)")
     ap.add_argument("--rounds", type=int, default=2, help="child processes per figure, alternating ours and peer")
+    ap.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
@@ -168,19 +177,21 @@ def main() -> None:
     except ImportError:
         have_peer = False
     units = {"train": "tokens/s", "ablate": "s", "loss": "tokens/s"}
-    print(f"{'job':8s} {'threads':>7s} {'induction_jax':>14s} {'TransformerLens':>16s} {'ratio':>7s}  unit")
+    print(f"{'job':12s} {'threads':>7s} {'induction_jax':>14s} {'TransformerLens':>16s} {'ratio':>7s}  unit")
     for job in args.jobs:
         for threads in args.threads:
-            seconds = units[job] == "s"
-            a, b = None, None
-            for _ in range(args.rounds):  # alternate, so both frameworks see the same spells of background load
-                a = _pick(a, _measure("ours", job, threads, args), seconds)
-                b = _pick(b, _measure("peer", job, threads, args), seconds) if have_peer else None
-            # Ratios read as "how many times better ours is": throughput ours/peer, seconds peer/ours.
-            ratio = None if a is None or b is None else (a / b if units[job] != "s" else b / a)
-            fmt = (lambda v: "-" if v is None else (f"{v:.2f}" if units[job] == "s" else f"{v:.0f}"))
-            print(f"{job:8s} {threads:7d} {fmt(a):>14s} {fmt(b):>16s} "
-                  f"{'-' if ratio is None else f'{ratio:.2f}x':>7s}  {units[job]}", flush=True)
+            for batch in (args.ablate_batch if job == "ablate" else [0]):
+                seconds = units[job] == "s"
+                a, b = None, None
+                for _ in range(args.rounds):  # alternate, so both frameworks see the same spells of background load
+                    a = _pick(a, _measure("ours", job, threads, batch, args), seconds)
+                    b = _pick(b, _measure("peer", job, threads, batch, args), seconds) if have_peer else None
+                # Ratios read as "how many times better ours is": throughput ours/peer, seconds peer/ours.
+                ratio = None if a is None or b is None else (a / b if units[job] != "s" else b / a)
+                fmt = (lambda v: "-" if v is None else (f"{v:.2f}" if units[job] == "s" else f"{v:.0f}"))
+                name = f"{job} b{batch}" if batch else job
+                print(f"{name:12s} {threads:7d} {fmt(a):>14s} {fmt(b):>16s} "
+                      f"{'-' if ratio is None else f'{ratio:.2f}x':>7s}  {units[job]}", flush=True)
 
 
 if __name__ == "__main__":
