@@ -152,6 +152,31 @@ def test_check_1_fails(change):
     assert lines[0].startswith("FAIL 1") and lines[1].startswith("PASS 2"), lines[0]
 
 
+def _lagging_prefix(lag):
+    """A run whose ICL score falls over fractions 0.40-0.50 of training with a noisy bump at 0.35, while max
+    prefix matching crosses 0.5 `lag` after the ICL fall ends."""
+    frac = np.linspace(0, 1, 41)
+    icl = 0.05 - 0.5 * np.clip((frac - 0.4) / 0.1, 0, 1)
+    icl[14] += 0.08  # fraction 0.35: the largest-share window starts here
+    prefix = 0.05 + 0.6 * np.clip((frac - 0.4) / (0.1 + lag), 0, 1)
+    return _Results(frac * 2e7, icl, prefix[:, None, None] * np.ones((1, 2, 4)))
+
+
+def test_check_1_window_is_any_qualifying_span_not_only_the_largest_share():
+    two = _lagging_prefix(0.3)
+    w = checks.best_window(two)
+    assert w["qualifies"] and w["largest"]["i"] == 14  # the largest share starts at the noisy bump
+    lines = _lines(two=two, bump=_at(9e6), pivot=_at(9e6))
+    assert w["largest"]["pm_end"] < 0.5 < w["pm_end"] and w["share"] >= 0.6 and w["span"] <= 0.3
+    assert lines[0].startswith("PASS 1") and "the largest share in such a span" in lines[0], lines[0]
+
+
+def test_check_1_fails_when_prefix_matching_comes_after_every_short_window():
+    w = checks.best_window(_lagging_prefix(0.5))
+    assert not w["qualifies"] and (w["i"], w["j"]) == (w["largest"]["i"], w["largest"]["j"])
+    assert _lines(two=_lagging_prefix(0.5))[0].startswith("FAIL 1")
+
+
 def test_check_2_fails_when_one_layer_learns_in_context():
     assert _lines(one=_run(improvement=0.3))[1].startswith("FAIL 2")
     assert _lines(one=_run(improvement=0.05, pm_after=0.6))[1].startswith("FAIL 2")
