@@ -404,8 +404,7 @@ def token_losses(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     Throughout the project a "token index" is the 0-based index of the predicted token, so the loss at token
     index j is column j-1 (see `loss_at`).
     """
-    logp = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, tokens_BT[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return cross_entropy(logits_BTV[:, :-1], tokens_BT[:, 1:])
 
 
 def loss_at(losses_BT, index: int):
