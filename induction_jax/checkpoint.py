@@ -15,6 +15,7 @@ reader that lists steps the way Orbax does never sees a half-written one.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -164,6 +165,18 @@ def _json_dict(extra: dict, what: str) -> dict:
         raise ValueError(f"{what}: not JSON-serialisable ({e})") from None
 
 
+_manager_ids = itertools.count()
+
+
+def _multiprocessing_options(kind: str) -> ocp.options.MultiprocessingOptions:
+    """Orbax names its multi-host barriers after the operation alone ("...:set_value_start"), so the snapshot
+    and resume managers, whose background commits overlap when both save at one step, would meet at each
+    other's barriers and commit before every process has written. A prefix per manager keeps them apart; it
+    counts managers rather than naming the directory, whose absolute path may differ from host to host, and
+    every process creates its managers in the same order."""
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"{kind}{next(_manager_ids)}")
+
+
 class _Managed:
     """Shared by the two writers: both wrap one Orbax CheckpointManager in `self._manager`."""
 
@@ -199,7 +212,8 @@ class ResumeCheckpointer(_Managed):
         policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(every),
                                          policies.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(max_to_keep=2, save_decision_policy=policy,
-                                               cleanup_tmp_directories=True, enable_async_checkpointing=True)
+                                               cleanup_tmp_directories=True, enable_async_checkpointing=True,
+                                               multiprocessing_options=_multiprocessing_options("resume"))
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def reached_preemption(self, step: int) -> bool:
@@ -240,7 +254,8 @@ class SnapshotWriter(_Managed):
         self.directory = _absolute(directory)
         # Every save is forced: the schedule lives in the caller, and Orbax's own policy would skip steps.
         options = ocp.CheckpointManagerOptions(max_to_keep=None, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=True)
+                                               enable_async_checkpointing=True,
+                                               multiprocessing_options=_multiprocessing_options("snapshots"))
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, params: Any, meta: dict) -> bool:

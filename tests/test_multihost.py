@@ -192,3 +192,48 @@ def test_incomplete_coordinator_settings_are_one_line_errors(monkeypatch):
     monkeypatch.setenv("INDUCTION_JAX_PROCESS_ID", "one")
     with pytest.raises(UserError, match="not an integer"):
         sharding.initialize_distributed()
+
+
+WRITERS_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from induction_jax import checkpoint, cli, sharding
+
+    def main(argv):
+        sharding.initialize_distributed(timeout_s=60)
+        run = argv[0]
+        x = jax.device_put(jnp.zeros((4, 256)), NamedSharding(jax.make_mesh((4,), ("d",)), P("d")))
+        resume = checkpoint.ResumeCheckpointer(f"{run}/state")
+        snaps = checkpoint.SnapshotWriter(f"{run}/snapshots")
+        for step in range(1, 9):
+            x = x + 1
+            snaps.save(step, {"x": x}, {"tokens_seen": step})
+            resume.save(step, {"x": x}, {"step": step}, force=True)
+        for w in (snaps, resume):
+            w.wait()
+            w.close()
+        sharding.barrier("writers closed", 60)
+        return 0
+
+    cli.run(main, sys.argv[1:])
+""")
+
+
+def test_snapshot_and_resume_writers_saving_at_one_step_on_two_processes(tmp_path):
+    """Both writers' background commits overlap at every step here; each save must still wait for both
+    processes' shards, so every step restores whole."""
+    script = tmp_path / "writers.py"
+    script.write_text(WRITERS_SCRIPT)
+    port = _free_port()
+    results = _run_together([([sys.executable, str(script), str(tmp_path / "run")], _env(2, i, port))
+                             for i in range(2)])
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+    reader = checkpoint.SnapshotReader(tmp_path / "run")
+    assert reader.steps() == list(range(1, 9))
+    for step in (1, 8):
+        np.testing.assert_array_equal(np.asarray(reader.restore(step)["x"]), np.full((4, 256), float(step)))
+    resume = checkpoint.ResumeCheckpointer(tmp_path / "run" / "state")
+    assert resume.all_steps() == [7, 8]
+    resume.close()
