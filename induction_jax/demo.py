@@ -114,6 +114,7 @@ def train_all(out: Path, overrides: list[str], progress: bool = True) -> None:
     cores = {"attn_only_2l": 0, "attn_only_1l": 1, "smeared_key_1l": 1}
     out.mkdir(parents=True, exist_ok=True)
     procs, analysers = {}, {}
+    reported: set[str] = set()
 
     def analyse(name: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "induction_jax.analyze", str(out / name), "--out",
@@ -143,6 +144,10 @@ def train_all(out: Path, overrides: list[str], progress: bool = True) -> None:
                 bar.refresh()
                 one_layer_done = all(p.poll() is not None for n, (p, _) in procs.items() if n != "attn_only_2l")
                 for name, (p, _) in procs.items():
+                    if p.poll() is not None and name not in reported:
+                        reported.add(name)  # a line per model, also in a log written with --no-progress
+                        tqdm.write(f"{name}: training {'finished' if p.returncode == 0 else 'failed'} at step "
+                                   f"{_steps_done(out / name)}")
                     if p.poll() == 0 and name != "attn_only_2l" and name not in analysers:
                         analysers[name] = analyse(name)
                 two = procs.get("attn_only_2l")
