@@ -78,6 +78,20 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def _assert_params_match(got, want):
+    """Parameters trained on two device layouts agree to float32 rounding, except where Adam magnifies it.
+
+    The layouts sum the gradient in different orders. Where an element's per-example terms nearly cancel, that
+    rounding is a large part of the sum, and Adam's division by sqrt(v) turns it into a difference of up to one
+    step (lr). So all but a rare few elements must agree closely, and none may be further apart than one step.
+    """
+    lr = config.load(TINY).train.lr
+    for x, y in zip(_leaves(got), _leaves(want)):
+        off = ~np.isclose(x, y, atol=2e-5, rtol=1e-4)
+        assert off.sum() <= max(1, off.size // 1000), f"{off.sum()} of {off.size} elements differ beyond rounding"
+        np.testing.assert_allclose(x, y, atol=lr, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(one-process run dir, two-process run dir, overrides), both trained for 6 steps."""
@@ -107,8 +121,7 @@ def test_two_processes_match_one_process(runs):
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
     ra, rb = checkpoint.SnapshotReader(one), checkpoint.SnapshotReader(two)
     assert ra.steps() == rb.steps() == [2, 4, 6]
-    for x, y in zip(_leaves(ra.restore(6)), _leaves(rb.restore(6))):
-        np.testing.assert_allclose(y, x, atol=2e-5, rtol=1e-4)
+    _assert_params_match(rb.restore(6), ra.restore(6))
     # metadata comes from process 0 alone, and the probes ran on the params spread over both processes
     assert rb.metadata(6)["tokens_seen"] == 6 * 8 * 32
     probes = [json.loads(ln) for ln in (two / "metrics.jsonl").read_text().splitlines() if "probe_icl" in ln]
@@ -118,7 +131,7 @@ def test_two_processes_match_one_process(runs):
 def test_snapshots_of_two_processes_restore_on_one_and_two_devices(runs):
     one, two, _ = runs
     reader, ref = checkpoint.SnapshotReader(two), checkpoint.SnapshotReader(one)
-    expected = _leaves(ref.restore(4))
+    expected = ref.restore(4)
     single = reader.restore(4)  # default target: whole arrays on the first device
     assert {d for x in jax.tree.leaves(single) for d in x.devices()} == {jax.devices()[0]}
     mesh = jax.make_mesh((1, 2, 1), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
@@ -132,8 +145,7 @@ def test_snapshots_of_two_processes_restore_on_one_and_two_devices(runs):
     for x, s in zip(jax.tree.leaves(two_dev), jax.tree.leaves(shardings)):
         assert x.sharding == s and len(x.devices()) == 2
     for got in (single, two_dev):
-        for x, y in zip(_leaves(got), expected):
-            np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+        _assert_params_match(got, expected)
 
 
 def test_one_process_resumes_the_two_process_run(runs, tmp_path):
@@ -149,8 +161,7 @@ def test_one_process_resumes_the_two_process_run(runs, tmp_path):
     a, b = _losses(one), _losses(run_dir)
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
     ref, got = checkpoint.SnapshotReader(one), checkpoint.SnapshotReader(run_dir)
-    for x, y in zip(_leaves(ref.restore(6)), _leaves(got.restore(6))):
-        np.testing.assert_allclose(y, x, atol=2e-5, rtol=1e-4)
+    _assert_params_match(got.restore(6), ref.restore(6))
 
 
 BARRIER_SCRIPT = textwrap.dedent("""
