@@ -9,6 +9,9 @@ Jobs, each on the same model shape (the config's; attention-only, shortformer po
   snapshot (`ablation.ablate_eval_set`, all heads' lanes vmapped, with the ICL statistics it stores), the peer a
   hook loop that replaces every pattern with the clean run's and zeroes one head's z;
 - loss: per-token losses of the eval windows (tokens/s).
+`--threads` takes thread counts (1, 2) and, for our side, `DxT` layouts: `2x1` runs our job on 2 single-threaded
+CPU devices in one process (the train batch, the ablation lanes and the loss batches split over them) against
+the peer at 2 threads.
 Each figure is the best of `--rounds` child processes, ours and the peer's alternating, each with its thread count
 fixed before its library starts (torch and XLA never share a process: loaded together, XLA's step ran 1.6x
 slower). Without torch and transformer_lens (the `tl` extra) the table has our column only.
@@ -39,10 +42,11 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def ours(job: str, cfg, examples: int, batch: int):
-    """(callable, work per call: tokens, or None when the figure is seconds)."""
+    """(callable, work per call: tokens, or None when the figure is seconds), on every device of the process."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from induction_jax import ablation, evaluate, sharding, step
     from induction_jax import config as config_lib
@@ -51,10 +55,11 @@ def ours(job: str, cfg, examples: int, batch: int):
     m = cfg.model
     rng = np.random.default_rng(0)
     if job == "train":
-        mesh = sharding.make_mesh(config_lib.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+        mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices())
         trainer = step.build(cfg, mesh)
         state = [trainer.init_fn(jax.random.key(0))]
-        tokens = jnp.asarray(rng.integers(0, m.vocab_size, (cfg.train.batch_size, m.context), dtype=np.int32))
+        tokens = jax.device_put(rng.integers(0, m.vocab_size, (cfg.train.batch_size, m.context), dtype=np.int32),
+                                trainer.batch_sharding)
 
         def train():
             state[0], metrics = trainer.step_fn(state[0], tokens)
@@ -64,7 +69,9 @@ def ours(job: str, cfg, examples: int, batch: int):
     params = model_lib.init_params(m, jax.random.key(0))
     tokens = rng.integers(0, m.vocab_size, (examples, m.context), dtype=np.int32)
     if job == "loss":
-        return (lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size)), tokens.size
+        split = NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",)), P("batch"))
+        return (lambda: evaluate.per_token_losses(model, params, tokens, cfg.eval.batch_size, sharding=split)), \
+            tokens.size
     masks = ablation.single_head_masks(m.n_layers, m.n_heads)
     # ablate_eval_set runs eval.batch_size // lanes windows per call
     eval_cfg = dataclasses.replace(cfg.eval, batch_size=batch * len(masks))
@@ -125,23 +132,35 @@ def _child(args) -> None:
     cfg = config_lib.load(args.config, args.overrides)
     if args.child == "peer":
         import torch
-        torch.set_num_threads(args.threads[0])
+        torch.set_num_threads(_layout(args.threads[0])[2])
     fn, work = (ours if args.child == "ours" else peer)(args.job, cfg, args.examples, args.batch)
     best = _best_time(fn, args.repeats)
     print(json.dumps({"value": best if work is None else work / best}))
 
 
-def _measure(who: str, job: str, threads: int, batch: int, args) -> float | None:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads))
+def _layout(spec: str) -> tuple[int, int, int]:
+    """"2" -> (1 device, 2 threads, 2 cores); "2x1" -> (2 devices, 1 thread each, 2 cores)."""
+    devices, _, threads = spec.partition("x")
+    if not threads:
+        devices, threads = "1", devices
+    d, t = int(devices), int(threads)
+    return d, t, d * t
+
+
+def _measure(who: str, job: str, spec: str, batch: int, args) -> float | None:
+    devices, threads, cores = _layout(spec)
+    if who == "peer":
+        devices, threads = 1, cores
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads), JAX_NUM_CPU_DEVICES=str(devices))
     if threads == 1:
         env["XLA_FLAGS"] = SINGLE_THREAD
-    cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", str(threads), "--config",
+    cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", spec, "--config",
            args.config, "--examples", str(args.examples), "--repeats", str(args.repeats), "--batch", str(batch),
            *args.overrides]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
-        print(f"  ({who} {job} x{threads} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        print(f"  ({who} {job} {spec} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
         return None
     return json.loads(lines[-1])["value"]
 
@@ -156,7 +175,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/cpu/attn_only_2l.yaml")
     ap.add_argument("--jobs", nargs="*", default=["train", "ablate", "loss"])
-    ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    ap.add_argument("--threads", nargs="*", default=["1", "2", "2x1"],
+                    help="thread counts, and DxT (D single-threaded devices x T threads) for our side")
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ablate-batch", type=int, nargs="*", default=[4, 32],
@@ -190,7 +210,7 @@ def main() -> None:
                 ratio = None if a is None or b is None else (a / b if units[job] != "s" else b / a)
                 fmt = (lambda v: "-" if v is None else (f"{v:.2f}" if units[job] == "s" else f"{v:.0f}"))
                 name = f"{job} b{batch}" if batch else job
-                print(f"{name:12s} {threads:7d} {fmt(a):>14s} {fmt(b):>16s} "
+                print(f"{name:12s} {threads:>7s} {fmt(a):>14s} {fmt(b):>16s} "
                       f"{'-' if ratio is None else f'{ratio:.2f}x':>7s}  {units[job]}", flush=True)
 
 
