@@ -2,10 +2,15 @@
 
 Two paths compute the same causal (optionally windowed) softmax attention:
 - `explicit` materialises every pattern [B, H, Q, K]: analysis, ablations and `capture=("patterns",)` need them.
-- `fused` never returns patterns, which lets training skip work: on GPU it calls `jax.nn.dot_product_attention`
-  (cuDNN's fused kernel where available); elsewhere it runs `blocked`, a causal-blocked attention with its own
-  backward pass (the flash-attention recurrence in plain XLA): query blocks skip the keys after them, and the
-  backward recomputes each block's pattern from the saved log-sum-exp instead of storing T x T patterns.
+- `fused` never returns patterns, which lets training skip work. It runs one of three kernels
+  (`model.attention_kernel`), by default the one made for the platform the program is compiled for (the mesh's
+  devices, else jax's backend):
+  - `splash` on TPU: the Pallas splash-attention kernel of jax.experimental, which skips the masked-out blocks
+    of causal and windowed heads; under a mesh it runs per shard (batch over the batch axes, heads over tensor);
+  - `dot_product` on GPU: `jax.nn.dot_product_attention` (cuDNN's fused kernel where available);
+  - `blocked` elsewhere: a causal-blocked attention with its own backward pass (the flash-attention recurrence
+    in plain XLA): query blocks skip the keys after them, and the backward recomputes each block's pattern from
+    the saved log-sum-exp instead of storing T x T patterns.
 
 `windows` gives each head's window (a head attends to keys k with q - window < k <= q); dense heads have
 window >= T. `fused` and `blocked` take queries already scaled by 1/sqrt(d_head).
@@ -18,6 +23,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .config import SPLASH_TILE
 
 NEG = jnp.finfo(jnp.float32).min
 
@@ -95,11 +103,80 @@ def _blocked_bwd(windows, block, res, dz_BHTd):
 blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def fused(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], block: int):
-    """z [B, H, T, d] without patterns: cuDNN's kernel on GPU, `blocked` elsewhere."""
-    if jax.default_backend() == "gpu":
+
+
+def platform() -> str:
+    """The platform being compiled for: the devices of the mesh in context (`jax.set_mesh`), which may be a TPU
+    slice compiled ahead of time from a CPU host, else jax's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def kernel_for(kernel: str, t: int, on: str | None = None) -> str:
+    """The concrete kernel `fused` runs for `model.attention_kernel` = kernel at context t on platform `on`
+    (default: `platform()`)."""
+    if kernel == "auto":
+        kernel = {"tpu": "splash", "gpu": "dot_product"}.get(on or platform(), "blocked")
+        if kernel == "splash" and t % SPLASH_TILE:
+            kernel = "blocked"
+    return kernel
+
+
+def fused(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], block: int, kernel: str = "auto",
+          batch_axes: tuple[str, ...] = ()):
+    """z [B, H, T, d] without patterns, from `kernel` (`model.attention_kernel`; see `kernel_for`)."""
+    kernel = kernel_for(kernel, q_BHTd.shape[2])
+    if kernel == "dot_product":
         return dot_product(q_BHTd, k_BHTd, v_BHTd, windows)
+    if kernel == "splash":
+        return splash(q_BHTd, k_BHTd, v_BHTd, windows, block, batch_axes)
     return blocked(q_BHTd, k_BHTd, v_BHTd, windows, block)
+
+
+def _splash_block(t: int, block: int) -> int:
+    """The largest multiple of SPLASH_TILE that divides t and is at most max(block, SPLASH_TILE)."""
+    best = SPLASH_TILE
+    for b in range(SPLASH_TILE, min(max(block, SPLASH_TILE), t) + 1, SPLASH_TILE):
+        if t % b == 0:
+            best = b
+    return best
+
+
+def splash(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], block: int, batch_axes: tuple[str, ...] = ()):
+    """z [B, H, T, d] from the Pallas splash-attention kernel (TPU; elsewhere its interpreter, for tests).
+
+    Each head's mask is causal, or local with its window. Under a mesh the kernel runs in a shard_map: the batch
+    over `batch_axes` and the heads over `tensor` where they divide, so each device runs it on its own sequences
+    and heads and nothing is gathered. Queries come scaled by 1/sqrt(d_head)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, h, t, _ = q_BHTd.shape
+    if t % SPLASH_TILE:
+        raise ValueError(f"splash attention needs a context divisible by {SPLASH_TILE}, got {t}")
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = not mesh.empty and mesh.size > 1
+    shape = (t, t)
+    masks = sa.MultiHeadMask([sa.CausalMask(shape) if w >= t else sa.LocalMask(shape, (w - 1, 0), 0)
+                              for w in windows])
+    tile = _splash_block(t, block)
+    sizes = sa.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile, block_q_dkv=tile,
+                          block_kv_dkv=tile, block_kv_dkv_compute=tile, block_q_dq=tile, block_kv_dq=tile)
+    head_axis = None
+    if sharded and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 and h % mesh.shape["tensor"] == 0:
+        head_axis = "tensor"
+    kernel = sa.make_splash_mha(masks, block_sizes=sizes, head_shards=mesh.shape[head_axis] if head_axis else 1,
+                                q_seq_shards=1, interpret=platform() != "tpu")
+    if not sharded:
+        return jax.vmap(kernel)(q_BHTd, k_BHTd, v_BHTd)
+    ways = math.prod(mesh.shape[a] for a in batch_axes)
+    batch = batch_axes if batch_axes and b % ways == 0 else None
+    spec = P(batch, head_axis, None, None)
+    kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(head_axis, None)))
+    run = jax.shard_map(lambda kern, q, k, v: jax.vmap(kern)(q, k, v), mesh=mesh,
+                        in_specs=(kernel_spec, spec, spec, spec), out_specs=spec, check_vma=False)
+    return run(kernel, q_BHTd, k_BHTd, v_BHTd)
 
 
 def dot_product(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], implementation: str | None = None):

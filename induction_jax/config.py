@@ -21,6 +21,8 @@ COPYING_MEASURES = ("ov", "evaluator")  # eval.copying_measure: heads.ov_copying
 POS_TABLES = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("fused", "explicit")  # model.attention (induction_jax/attention.py)
+ATTENTION_KERNELS = ("auto", "blocked", "dot_product", "splash")  # model.attention_kernel (attention.KERNELS)
+SPLASH_TILE = 128  # the splash kernel's blocks are multiples of this, so the context must be too
 REMAT = ("none", "block", "dots")  # model.remat: recompute nothing, each whole block, or all but its matmuls
 
 
@@ -67,7 +69,10 @@ class ModelConfig:
     # The training loss's attention: fused (no T x T patterns kept; induction_jax/attention.py) or explicit.
     # Everything that reads patterns (analysis, ablations, captures, probes) runs the explicit path either way.
     attention: str = "fused"
-    attention_block: int = 128  # query block of the CPU fused kernel (causal blocks skip the keys after them)
+    # The fused path's kernel: auto (splash on TPU, jax.nn.dot_product_attention on GPU, blocked elsewhere) or one
+    # of them by name.
+    attention_kernel: str = "auto"
+    attention_block: int = 128  # query block of the blocked kernel (causal blocks skip the keys after them)
     remat: str = "none"
     loss_chunk: int = 0  # positions unembedded at a time in the training loss (0 = all); bounds the logits' memory
 
@@ -248,6 +253,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("model.positions", f"{m.positions!r} is not one of {', '.join(POSITIONS)}")
     if m.attention not in ATTENTION:
         fail("model.attention", f"{m.attention!r} is not one of {', '.join(ATTENTION)}")
+    if m.attention_kernel not in ATTENTION_KERNELS:
+        fail("model.attention_kernel", f"{m.attention_kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+    if m.attention_kernel == "splash" and m.context % SPLASH_TILE:
+        fail("model.attention_kernel", f"splash needs model.context divisible by {SPLASH_TILE}, got {m.context}")
     if m.remat not in REMAT:
         fail("model.remat", f"{m.remat!r} is not one of {', '.join(REMAT)}")
     if m.loss_chunk < 0:

@@ -137,7 +137,8 @@ class Attention(nn.Module):
         if fused:
             # The 1/sqrt(d_head) scale goes on the [T, d] queries rather than the [T, T] scores.
             q_BHTd = q_BHTd * jnp.asarray(1 / math.sqrt(dh), cdt)
-            z_BHTd = attention.fused(q_BHTd, k_BHTd, v_BHTd, windows, cfg.attention_block)
+            z_BHTd = attention.fused(q_BHTd, k_BHTd, v_BHTd, windows, cfg.attention_block, cfg.attention_kernel,
+                                     BATCH_AXES)
         else:
             z_BHTd, pattern_BHQK = attention.explicit(q_BHTd, k_BHTd, v_BHTd, windows, pattern_BHQK)
         if head_mask_H is not None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import xla_bridge
 
-from . import cli, evaluate, peak, schedule, sharding, step as step_lib
+from . import attention, cli, evaluate, peak, schedule, sharding, step as step_lib
 from . import model as model_lib
 from .config import Config, UserError, first_line
 
@@ -152,7 +152,9 @@ def plan(cfg: Config, devices: list, chip: Chip, *, mfu: float, forward: bool = 
     m = cfg.model
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, m.context), jnp.int32, sharding=trainer.batch_sharding)
     out: dict = {"devices": len(devices), "device_kind": devices[0].device_kind, "platform": devices[0].platform,
-                 "mesh": dict(mesh.shape), "chip": chip.name, "hbm_gib": chip.hbm_gib}
+                 "mesh": dict(mesh.shape), "chip": chip.name, "hbm_gib": chip.hbm_gib,
+                 "attention": (f"fused ({attention.kernel_for(m.attention_kernel, m.context, devices[0].platform)} "
+                               "kernel)" if m.attention == "fused" else "explicit")}
     # With the mesh in context the model constrains its activations to the batch axes, as in training.
     with jax.set_mesh(mesh):
         lowered = trainer.step_fn.lower(trainer.abstract_state, batch)
@@ -234,6 +236,7 @@ def report(cfg: Config, out: dict, target: str) -> str:
         f"{m.param_dtype} params",
         f"mesh: data {mesh['data']} x fsdp {mesh['fsdp']} x tensor {mesh['tensor']}; batch {cfg.train.batch_size} x "
         f"{m.context} = {out['tokens_per_step']:,} tokens/step ({per_dev:g} per data x fsdp shard)",
+        f"train step: attention {out['attention']}, remat {m.remat}, loss chunk {m.loss_chunk or 'off'}",
     ]
     if "train" in out:
         lines.append(f"train step, per device: {_mem_line(out['train'], out['hbm_gib'])}")

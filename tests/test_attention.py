@@ -1,6 +1,7 @@
 """The fused attention paths against the explicit one: outputs, gradients, and the training loss built on them."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,51 @@ def test_dot_product_path_matches_explicit(windows):
     np.testing.assert_allclose(z, attention.explicit(q, k, v, windows)[0], atol=1e-5)
 
 
+def _sharded_splash_case(windows, mesh_shape):
+    """Value and gradients of the splash kernel (its interpreter on CPU) against the explicit path, on a mesh of
+    fake CPU devices (batch over data x fsdp, heads over tensor) or none."""
+    r = np.random.default_rng(6)
+    b, h, t, d = 4, 4, 256, 16
+    q, k, v, g = [jnp.asarray(r.standard_normal((b, h, t, d)), jnp.float32) for _ in range(4)]
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v) * g).sum()
+
+    def explicit(q, k, v):
+        return attention.explicit(q, k, v, windows)[0]
+
+    def splash(q, k, v):
+        return attention.fused(q / np.sqrt(d), k, v, windows, 128, "splash", ("data", "fsdp"))
+
+    grads_e = jax.grad(loss(explicit), argnums=(0, 1, 2))(q, k, v)
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:math.prod(mesh_shape)])
+    with jax.set_mesh(mesh):
+        z_s = jax.jit(splash)(q, k, v)
+        grads_s = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(z_s, explicit(q, k, v), atol=2e-6)
+    for name, a, b_ in zip("qkv", grads_s, grads_e):
+        np.testing.assert_allclose(a, b_, atol=2e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_splash_matches_explicit_in_value_and_gradient(mesh_shape):
+    """The TPU kernel, interpreted: two dense heads, a 33-token and a 128-token window. On the 2 x 2 x 2 mesh the
+    tensor axis puts the dense heads on one shard and the windowed ones on the other."""
+    _sharded_splash_case((256, 256, 33, 128), mesh_shape)
+
+
+def test_auto_kernel_follows_the_mesh_platform():
+    assert attention.kernel_for("auto", 256, "tpu") == "splash"
+    assert attention.kernel_for("auto", 200, "tpu") == "blocked"  # splash's tiles do not divide 200
+    assert attention.kernel_for("auto", 256, "gpu") == "dot_product"
+    assert attention.kernel_for("auto", 256, "cpu") == "blocked"
+    assert attention.kernel_for("splash", 256, "cpu") == "splash"
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        assert attention.platform() == "cpu"
+
+
 def _model(**over):
     base = dict(n_layers=2, d_model=32, n_heads=4, context=24, vocab_size=61, init_std=0.3, attention_block=8)
     cfg = config.ModelConfig(**{**base, **over})
@@ -93,6 +139,23 @@ def test_training_loss_fused_equals_explicit(over):
     for a, b, c in zip(jax.tree.leaves(grad_f), jax.tree.leaves(grad_e), jax.tree.leaves(grad_r)):
         np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-4)
         np.testing.assert_allclose(b, c, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("over", [{"local_heads": 2, "local_window": 40}, {"smeared_key": True}])
+def test_training_loss_splash_equals_explicit(over):
+    cfg, m, params, tokens = _model(context=128, **over)
+    tokens = jax.random.randint(jax.random.key(4), (2, 128), 0, 61)
+    splash = model_lib.make(dataclasses.replace(cfg, attention_kernel="splash"))
+    explicit = model_lib.make(dataclasses.replace(cfg, attention="explicit"))
+
+    def value_and_grad(mod):
+        return jax.value_and_grad(
+            lambda p: mod.apply({"params": p}, tokens, method=model_lib.Transformer.losses).mean())(params)
+
+    (val_s, grad_s), (val_e, grad_e) = value_and_grad(splash), value_and_grad(explicit)
+    np.testing.assert_allclose(val_s, val_e, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad_e)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_cross_entropy_gradient_is_softmax_minus_onehot():

@@ -41,6 +41,8 @@ def test_base_inheritance_and_overrides(tmp_path):
     ("model:\n  local_heads: 1\n  local_window: 999\n  context: 64\n", [], "model.local_window"),
     ("model:\n  smeared_key: true\n  positions: rotary\n", [], "model.smeared_key"),
     ("model:\n  vocab_size: 70000\n", [], "model.vocab_size"),
+    ("", ["model.attention_kernel=flash"], "model.attention_kernel"),
+    ("model:\n  context: 200\n  attention_kernel: splash\n", [], "model.attention_kernel"),
     ("", ["train.nope=1"], "train.nope"),
     ("", ["model.d_model"], "model.d_model"),
 ])
