@@ -6,7 +6,10 @@ zeroes the masked heads' result vectors while every pattern is forced to the cle
 the patterns. Structure we exploit, both exact:
 - an ablation cannot change the layers before its first masked head, so each lane starts from the clean residual
   stream entering that layer (`Transformer.run_from`): masks are grouped by their first masked layer;
-- with patterns frozen no query/key is recomputed at all; only values, W_O and the unembedding run per lane.
+- with patterns frozen no query/key is recomputed at all; only values, W_O and the unembedding run per lane;
+- in an attention-only model, a lane that masks only last-layer heads changes nothing but the final residual
+  stream (no later layer reads them, and the last layer's patterns do not depend on its own heads): it is the
+  clean final stream minus those heads' results, so such lanes run only ln_final and the unembedding.
 All lanes of a group are one jitted call, `jax.vmap` over the mask axis; the lane axis is sharded over devices.
 
 Paths (what the removed head output is taken out of; docs/method.md §5), with the same lanes:
@@ -54,6 +57,8 @@ def clean_run(model: model_lib.Transformer, params, tokens_BT, path: str = "tota
     """(per-token losses [B, T-1], patterns [L,B,H,Q,K], residual streams [L+1,B,T,D], extra) of the clean model;
     `extra` holds what `path` needs besides: head results [L,B,T,H,D] (direct) or LayerNorm scales (frozen_ln)."""
     want = {"direct": ("head_results",), "frozen_ln": ("ln_scales",)}.get(path, ())
+    if not model.cfg.d_mlp:  # the last-layer lanes' shortcut (module docstring) reads the head results
+        want = tuple(dict.fromkeys(want + ("head_results",)))
     logits, cap = model.apply({"params": params}, tokens_BT, capture=("patterns", "resid", *want))
     extra = {k: cap[k] for k in want if k in cap}
     return model_lib.token_losses(logits, tokens_BT), cap["patterns"], cap["resid"], extra
@@ -62,12 +67,14 @@ def clean_run(model: model_lib.Transformer, params, tokens_BT, path: str = "tota
 @partial(jax.jit, static_argnames=("model", "first_layer", "kind", "path"))
 def _lanes(model, params, tokens_BT, masks_MLH, resid_BTD, patterns, extra, *, first_layer: int, kind: str,
            path: str):
+    final_only = first_layer == model.cfg.n_layers  # resid_BTD is the final stream: direct, or the shortcut
     def one(mask_LH):
-        if path == "direct":
+        if final_only:
             # Only the final residual stream loses the heads' outputs: nothing upstream changes, so `kind` and
             # the patterns do not matter.
             removed_BTD = jnp.einsum("lbthd,lh->btd", extra["head_results"], 1.0 - mask_LH)
-            logits = model.apply({"params": params}, resid_BTD - removed_BTD,
+            frozen = extra["ln_scales"]["ln_final"] if path == "frozen_ln" else None
+            logits = model.apply({"params": params}, resid_BTD - removed_BTD, frozen,
                                  method=model_lib.Transformer.unembed)[0]
         else:
             logits = model.apply({"params": params}, first_layer, resid_BTD, mask_LH,
@@ -108,8 +115,11 @@ def ablated_losses(model: model_lib.Transformer, params, tokens_BT, masks_MLH, k
         raise ValueError(f"path: {path!r} is not one of {PATHS}")
     masks = np.asarray(masks_MLH, np.float32)
     _, patterns, resid, extra = clean if clean is not None else clean_run(model, params, tokens_BT, path)
+    n_layers = model.cfg.n_layers
     if path == "direct":  # one group: every lane starts from the clean final residual stream
-        groups_of = lambda mask: model.cfg.n_layers
+        groups_of = lambda mask: n_layers
+    elif not model.cfg.d_mlp:  # lanes that mask only the last layer's heads start there too
+        groups_of = lambda mask: n_layers if first_masked_layer(mask) >= n_layers - 1 else first_masked_layer(mask)
     else:
         groups_of = first_masked_layer
     groups: dict[int, list[int]] = defaultdict(list)
@@ -121,7 +131,8 @@ def ablated_losses(model: model_lib.Transformer, params, tokens_BT, masks_MLH, k
         # Pad the lane axis with clean (all-ones) lanes so it shards evenly over every device.
         group = np.concatenate([masks[lanes], np.ones(((-len(lanes)) % n_dev,) + masks.shape[1:], np.float32)])
         group = jax.device_put(group, _lane_sharding())
-        start = layer if path == "direct" else min(layer, model.cfg.n_layers - 1)
+        # An all-ones lane joins the final-stream group when there is one and otherwise runs the last layer.
+        start = layer if layer < n_layers or "head_results" in extra else n_layers - 1
         losses = _lanes(model, params, tokens_BT, group, resid[start], patterns, extra, first_layer=start,
                         kind=kind, path=path)
         out[lanes] = np.asarray(losses)[: len(lanes)]

@@ -247,8 +247,13 @@ def report(cfg: Config, out: dict, target: str) -> str:
         lines.append(f"analysis forward ({b} x {t} tokens), per device: {_mem_line(out['forward'], out['hbm_gib'])}")
     elif "forward_oom" in out:
         lines.append(f"analysis forward, per device: DOES NOT FIT: {out['forward_oom']}")
-    compiled = (f"{out['compiled_flops']:.3e} from the compiled cost analysis (x {out['devices']} devices; it counts "
-                "the full T x T attention the causal count halves)" if "compiled_flops" in out else "n/a")
+    # XLA's cost analysis cannot see into a Pallas kernel, and counts a loop's body (the chunked loss) once.
+    notes = ["the splash kernel's attention is not in it" if "splash" in out["attention"]
+             else "it counts the full T x T attention the causal count halves"]
+    if m.loss_chunk:
+        notes.append("the chunked loss's loop body is counted once")
+    compiled = (f"{out['compiled_flops']:.3e} from the compiled cost analysis (x {out['devices']} devices; "
+                f"{'; '.join(notes)})" if "compiled_flops" in out else "n/a")
     lines += [
         f"FLOPs per step: {out['analytic_flops']:.3e} analytic (step.flops_per_token); {compiled}",
         f"step time at {out['mfu']:.0%} MFU of {_si(out['peak_flops'], 'FLOP/s')} per {out['chip']} "

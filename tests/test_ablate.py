@@ -3,6 +3,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from induction_jax import ablate, ablation, config, model
 
@@ -128,15 +129,21 @@ def test_planted_circuit_ablating_the_induction_head_removes_icl():
 
 # --------------------------------------------------------------------------------------------------- paths
 
-def test_vmapped_lanes_equal_one_at_a_time_on_every_path():
-    cfg, m, p = _setup(d_mlp=64)
+@pytest.mark.parametrize("d_mlp", [64, 0])
+def test_vmapped_lanes_equal_one_at_a_time_on_every_path(d_mlp):
+    """With MLPs every lane runs from its first masked layer; attention-only, the last-layer lanes (and the
+    all-ones one) run from the final residual stream instead: both against the from-scratch reference."""
+    cfg, m, p = _setup(d_mlp=d_mlp, n_layers=3)
     toks = _tokens()
-    masks = np.concatenate([ablation.single_head_masks(2, 4), np.zeros((1, 2, 4))])
+    two_last = np.ones((1, 3, 4), np.float32)
+    two_last[0, 2, :2] = 0.0
+    masks = np.concatenate([ablation.single_head_masks(3, 4), np.zeros((1, 3, 4)), np.ones((1, 3, 4)), two_last])
     for path in ablation.PATHS:
         lanes = ablation.ablated_losses(m, p, toks, masks, path=path)
         for i, mask in enumerate(masks):
             one = ablation.single_mask_losses(m, p, toks, jnp.asarray(mask), path=path)
-            np.testing.assert_allclose(lanes[i], one, atol=2e-6, rtol=1e-6, err_msg=f"{path} lane {i}")
+            # Float32 rounding only: removing all 12 heads from the final stream sums them in another order.
+            np.testing.assert_allclose(lanes[i], one, atol=1e-5, rtol=1e-6, err_msg=f"{path} lane {i}")
 
 
 def test_paths_agree_only_where_they_should():
