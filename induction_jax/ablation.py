@@ -7,9 +7,11 @@ the patterns. Structure we exploit, both exact:
 - an ablation cannot change the layers before its first masked head, so each lane starts from the clean residual
   stream entering that layer (`Transformer.run_from`): masks are grouped by their first masked layer;
 - with patterns frozen no query/key is recomputed at all; only values, W_O and the unembedding run per lane;
-- in an attention-only model, a lane that masks only last-layer heads changes nothing but the final residual
-  stream (no later layer reads them, and the last layer's patterns do not depend on its own heads): it is the
-  clean final stream minus those heads' results, so such lanes run only ln_final and the unembedding.
+- in an attention-only model, the first layer a lane masks need not run either: nothing in it reads its own
+  heads' outputs, so the stream leaving it is the clean one minus the masked heads' results (captured by the
+  clean run). Such a lane starts at the next layer, and one that masks only last-layer heads runs nothing but
+  ln_final and the unembedding. (An MLP reads the heads' outputs within their layer, so with MLPs lanes start
+  at their first masked layer.)
 All lanes of a group are one jitted call, `jax.vmap` over the mask axis; the lane axis is sharded over devices.
 
 Paths (what the removed head output is taken out of; docs/method.md §5), with the same lanes:
@@ -55,29 +57,32 @@ def first_masked_layer(mask_LH: np.ndarray) -> int:
 @partial(jax.jit, static_argnames=("model", "path"))
 def clean_run(model: model_lib.Transformer, params, tokens_BT, path: str = "total"):
     """(per-token losses [B, T-1], patterns [L,B,H,Q,K], residual streams [L+1,B,T,D], extra) of the clean model;
-    `extra` holds what `path` needs besides: head results [L,B,T,H,D] (direct) or LayerNorm scales (frozen_ln)."""
+    `extra` holds what `path` needs besides: head results [L,B,T,H,D] (direct, and every path of an
+    attention-only model, whose lanes skip their first masked layer) and LayerNorm scales (frozen_ln)."""
     want = {"direct": ("head_results",), "frozen_ln": ("ln_scales",)}.get(path, ())
-    if not model.cfg.d_mlp:  # the last-layer lanes' shortcut (module docstring) reads the head results
-        want = tuple(dict.fromkeys(want + ("head_results",)))
+    if not model.cfg.d_mlp and path != "direct":
+        want += ("head_results",)
     logits, cap = model.apply({"params": params}, tokens_BT, capture=("patterns", "resid", *want))
     extra = {k: cap[k] for k in want if k in cap}
     return model_lib.token_losses(logits, tokens_BT), cap["patterns"], cap["resid"], extra
 
 
-@partial(jax.jit, static_argnames=("model", "first_layer", "kind", "path"))
-def _lanes(model, params, tokens_BT, masks_MLH, resid_BTD, patterns, extra, *, first_layer: int, kind: str,
-           path: str):
-    final_only = first_layer == model.cfg.n_layers  # resid_BTD is the final stream: direct, or the shortcut
+@partial(jax.jit, static_argnames=("model", "first_layer", "removed_layers", "kind", "path"))
+def _lanes(model, params, tokens_BT, masks_MLH, resid_BTD, removed_LBTHD, patterns, extra, *, first_layer: int,
+           removed_layers: tuple[int, ...], kind: str, path: str):
+    """Per-token losses [M, B, T-1]: each lane takes the masked heads of `removed_layers` (whose results are
+    removed_LBTHD) out of resid_BTD, the stream entering `first_layer`, and runs from there."""
     def one(mask_LH):
-        if final_only:
-            # Only the final residual stream loses the heads' outputs: nothing upstream changes, so `kind` and
-            # the patterns do not matter.
-            removed_BTD = jnp.einsum("lbthd,lh->btd", extra["head_results"], 1.0 - mask_LH)
+        x_BTD = resid_BTD
+        if removed_layers:
+            off_LH = 1.0 - mask_LH[jnp.asarray(removed_layers)]
+            x_BTD = x_BTD - jnp.einsum("lbthd,lh->btd", removed_LBTHD, off_LH)
+        if first_layer == model.cfg.n_layers:
+            # Only the final residual stream changes: `kind` and the patterns do not matter.
             frozen = extra["ln_scales"]["ln_final"] if path == "frozen_ln" else None
-            logits = model.apply({"params": params}, resid_BTD - removed_BTD, frozen,
-                                 method=model_lib.Transformer.unembed)[0]
+            logits = model.apply({"params": params}, x_BTD, frozen, method=model_lib.Transformer.unembed)[0]
         else:
-            logits = model.apply({"params": params}, first_layer, resid_BTD, mask_LH,
+            logits = model.apply({"params": params}, first_layer, x_BTD, mask_LH,
                                  patterns if kind == "pattern" else None, (),
                                  extra.get("ln_scales") if path == "frozen_ln" else None,
                                  method=model_lib.Transformer.run_from)
@@ -116,25 +121,25 @@ def ablated_losses(model: model_lib.Transformer, params, tokens_BT, masks_MLH, k
     masks = np.asarray(masks_MLH, np.float32)
     _, patterns, resid, extra = clean if clean is not None else clean_run(model, params, tokens_BT, path)
     n_layers = model.cfg.n_layers
-    if path == "direct":  # one group: every lane starts from the clean final residual stream
-        groups_of = lambda mask: n_layers
-    elif not model.cfg.d_mlp:  # lanes that mask only the last layer's heads start there too
-        groups_of = lambda mask: n_layers if first_masked_layer(mask) >= n_layers - 1 else first_masked_layer(mask)
-    else:
-        groups_of = first_masked_layer
+    skip_first = "head_results" in extra and not model.cfg.d_mlp  # the module docstring's last point
     groups: dict[int, list[int]] = defaultdict(list)
     for m, mask in enumerate(masks):
-        groups[groups_of(mask)].append(m)
+        groups[n_layers if path == "direct" else first_masked_layer(mask)].append(m)
     out = np.zeros((len(masks),) + tuple(tokens_BT.shape[:1]) + (tokens_BT.shape[1] - 1,), np.float32)
     n_dev = jax.device_count()
     for layer, lanes in sorted(groups.items()):
         # Pad the lane axis with clean (all-ones) lanes so it shards evenly over every device.
         group = np.concatenate([masks[lanes], np.ones(((-len(lanes)) % n_dev,) + masks.shape[1:], np.float32)])
         group = jax.device_put(group, _lane_sharding())
-        # An all-ones lane joins the final-stream group when there is one and otherwise runs the last layer.
-        start = layer if layer < n_layers or "head_results" in extra else n_layers - 1
-        losses = _lanes(model, params, tokens_BT, group, resid[start], patterns, extra, first_layer=start,
-                        kind=kind, path=path)
+        if path == "direct":  # every lane removes its heads from the clean final stream
+            start, removed = n_layers, tuple(range(n_layers))
+        elif skip_first and layer < n_layers:
+            start, removed = layer + 1, (layer,)
+        else:
+            start, removed = layer, ()
+        results = extra["head_results"][removed[0]: removed[-1] + 1] if removed else None
+        losses = _lanes(model, params, tokens_BT, group, resid[start], results, patterns, extra,
+                        first_layer=start, removed_layers=removed, kind=kind, path=path)
         out[lanes] = np.asarray(losses)[: len(lanes)]
     return out
 

@@ -135,10 +135,15 @@ def fused(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], block: int, kernel: 
     return blocked(q_BHTd, k_BHTd, v_BHTd, windows, block)
 
 
+# Larger splash tiles overflow the kernel's scoped VMEM on v5e (full_6l's step with 1,024 did not compile).
+SPLASH_MAX_BLOCK = 512
+
+
 def _splash_block(t: int, block: int) -> int:
-    """The largest multiple of SPLASH_TILE that divides t and is at most max(block, SPLASH_TILE)."""
+    """The largest multiple of SPLASH_TILE that divides t and is at most clip(block, SPLASH_TILE,
+    SPLASH_MAX_BLOCK)."""
     best = SPLASH_TILE
-    for b in range(SPLASH_TILE, min(max(block, SPLASH_TILE), t) + 1, SPLASH_TILE):
+    for b in range(SPLASH_TILE, min(max(block, SPLASH_TILE), SPLASH_MAX_BLOCK, t) + 1, SPLASH_TILE):
         if t % b == 0:
             best = b
     return best

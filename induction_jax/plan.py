@@ -127,6 +127,9 @@ def compile_or_oom(lowered):
     try:
         return lowered.compile()
     except Exception as e:  # noqa: BLE001 - jax's runtime error type
+        if "Vmem" in str(e):  # a kernel's on-chip scratch, not HBM: the tiles, not the slice, are too big
+            raise UserError(f"a kernel of the step does not fit the chip's VMEM ({first_line(e, limit=200)}); "
+                            "try a smaller model.attention_block") from None
         if "RESOURCE_EXHAUSTED" in str(e):
             raise DoesNotFit(first_line(e, limit=300).replace("RESOURCE_EXHAUSTED: ", "")) from None
         raise

@@ -78,6 +78,17 @@ def test_out_of_memory_is_a_verdict_not_a_crash():
     assert "\n" not in str(e.value) and plan._needed_gib(str(e.value)) == pytest.approx(92.48)
 
 
+def test_kernel_vmem_overflow_is_a_one_line_error():
+    class Lowered:
+        def compile(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: Scoped allocation with size "
+                               "33.00M and limit 16.00M exceeded scoped vmem limit\nmore detail")
+
+    with pytest.raises(UserError, match="VMEM.*model.attention_block") as e:
+        plan.compile_or_oom(Lowered())
+    assert "\n" not in str(e.value)
+
+
 def test_plan_mistakes_are_one_line():
     r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v9:2x2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
