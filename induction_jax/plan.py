@@ -136,8 +136,9 @@ def compile_or_oom(lowered):
 
 
 def _needed_gib(message: str) -> float:
-    """The memory an out-of-memory message says the program needs (its first size in G), else NaN."""
-    sizes = re.findall(r"\(([\d.]+)([KMGT])\)", message)
+    """The memory an out-of-memory message says the program needs, else NaN. libtpu words it two ways:
+    "... temporaries (92.48G) exceeds ..." and "... Used 16.82G of 15.75G hbm ..."."""
+    sizes = re.findall(r"\(([\d.]+)([KMGT])\)", message) or re.findall(r"Used ([\d.]+)([KMGT]) of", message)
     if not sizes:
         return float("nan")
     value, unit = sizes[0]

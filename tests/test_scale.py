@@ -76,6 +76,8 @@ def test_out_of_memory_is_a_verdict_not_a_crash():
     with pytest.raises(plan.DoesNotFit) as e:
         plan.compile_or_oom(Lowered())
     assert "\n" not in str(e.value) and plan._needed_gib(str(e.value)) == pytest.approx(92.48)
+    assert plan._needed_gib("E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in memory "
+                            "space hbm. Used 16.82G of 15.75G hbm.") == pytest.approx(16.82)
 
 
 def test_kernel_vmem_overflow_is_a_one_line_error():
