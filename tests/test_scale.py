@@ -65,6 +65,11 @@ def test_plan_for_a_tpu_topology_without_a_tpu():
     r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2", "--no-forward")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 x TPU v5 lite (compiled by libtpu" in r.stdout and "of 16 GiB: fits" in r.stdout
+    assert "attention fused (blocked kernel)" in r.stdout  # context 32: splash's 128-position tiles do not divide
+    # A TPU mesh gets the Pallas splash kernel, compiled by libtpu from this CPU host.
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2", "--no-forward", "model.context=128")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "attention fused (splash kernel)" in r.stdout
 
 
 def test_out_of_memory_is_a_verdict_not_a_crash():
