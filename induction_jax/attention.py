@@ -103,8 +103,6 @@ def _blocked_bwd(windows, block, res, dz_BHTd):
 blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-
-
 def platform() -> str:
     """The platform being compiled for: the devices of the mesh in context (`jax.set_mesh`), which may be a TPU
     slice compiled ahead of time from a CPU host, else jax's default backend."""

@@ -21,7 +21,7 @@ COPYING_MEASURES = ("ov", "evaluator")  # eval.copying_measure: heads.ov_copying
 POS_TABLES = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("fused", "explicit")  # model.attention (induction_jax/attention.py)
-ATTENTION_KERNELS = ("auto", "blocked", "dot_product", "splash")  # model.attention_kernel (attention.KERNELS)
+ATTENTION_KERNELS = ("auto", "blocked", "dot_product", "splash")  # model.attention_kernel (attention.kernel_for)
 SPLASH_TILE = 128  # the splash kernel's blocks are multiples of this, so the context must be too
 REMAT = ("none", "block", "dots")  # model.remat: recompute nothing, each whole block, or all but its matmuls
 
