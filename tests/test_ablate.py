@@ -131,8 +131,8 @@ def test_planted_circuit_ablating_the_induction_head_removes_icl():
 
 @pytest.mark.parametrize("d_mlp", [64, 0])
 def test_vmapped_lanes_equal_one_at_a_time_on_every_path(d_mlp):
-    """With MLPs every lane runs from its first masked layer; attention-only, the last-layer lanes (and the
-    all-ones one) run from the final residual stream instead: both against the from-scratch reference."""
+    """With MLPs every lane runs from its first masked layer; attention-only, from the layer after it (a
+    last-layer lane from the final residual stream): both against the unbatched from-scratch reference."""
     cfg, m, p = _setup(d_mlp=d_mlp, n_layers=3)
     toks = _tokens()
     two_last = np.ones((1, 3, 4), np.float32)

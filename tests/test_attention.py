@@ -65,15 +65,15 @@ def test_dot_product_path_matches_explicit(windows):
     np.testing.assert_allclose(z, attention.explicit(q, k, v, windows)[0], atol=1e-5)
 
 
-def _sharded_splash_case(windows, mesh_shape):
-    """Value and gradients of the splash kernel (its interpreter on CPU) against the explicit path, on a mesh of
-    fake CPU devices (batch over data x fsdp, heads over tensor) or none."""
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_splash_matches_explicit_in_value_and_gradient(mesh_shape):
+    """The TPU kernel through its interpreter, with two dense heads, a 33-token and a 128-token window, on one
+    fake CPU device or on a 2 x 2 x 2 mesh (batch over data x fsdp; the tensor axis puts the dense heads on one
+    shard and the windowed ones on the other)."""
+    windows = (256, 256, 33, 128)
     r = np.random.default_rng(6)
     b, h, t, d = 4, 4, 256, 16
     q, k, v, g = [jnp.asarray(r.standard_normal((b, h, t, d)), jnp.float32) for _ in range(4)]
-
-    def loss(fn):
-        return lambda q, k, v: (fn(q, k, v) * g).sum()
 
     def explicit(q, k, v):
         return attention.explicit(q, k, v, windows)[0]
@@ -81,22 +81,17 @@ def _sharded_splash_case(windows, mesh_shape):
     def splash(q, k, v):
         return attention.fused(q / np.sqrt(d), k, v, windows, 128, "splash", ("data", "fsdp"))
 
-    grads_e = jax.grad(loss(explicit), argnums=(0, 1, 2))(q, k, v)
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * g).sum(), argnums=(0, 1, 2)))(q, k, v)
+
+    grads_e = grads(explicit)
     mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:math.prod(mesh_shape)])
     with jax.set_mesh(mesh):
-        z_s = jax.jit(splash)(q, k, v)
-        grads_s = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+        z_s, grads_s = jax.jit(splash)(q, k, v), grads(splash)
     np.testing.assert_allclose(z_s, explicit(q, k, v), atol=2e-6)
     for name, a, b_ in zip("qkv", grads_s, grads_e):
         np.testing.assert_allclose(a, b_, atol=2e-5, rtol=1e-5, err_msg=f"d{name}")
-
-
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
-def test_splash_matches_explicit_in_value_and_gradient(mesh_shape):
-    """The TPU kernel, interpreted: two dense heads, a 33-token and a 128-token window. On the 2 x 2 x 2 mesh the
-    tensor axis puts the dense heads on one shard and the windowed ones on the other."""
-    _sharded_splash_case((256, 256, 33, 128), mesh_shape)
 
 
 def test_auto_kernel_follows_the_mesh_platform():
