@@ -23,14 +23,21 @@ REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH = 32, 8
 
 
-def write_corpus(root: Path, n_files: int = 40, seed: int = 0) -> Path:
-    """Random 'sentences' over a 400-word vocabulary: enough distinct tokens for a 300-token BPE."""
+def write_corpus(root: Path, n_files: int = 40, seed: int = 0, eval_fraction: float = 0.2) -> Path:
+    """Random 'sentences' over a 400-word vocabulary: enough distinct tokens for a 300-token BPE.
+
+    The split hashes each file's absolute path, which differs from run to run; where all files land in one split
+    (1 run in 7,500 at 40 files and 0.2) more files are added until both splits have one, so no test is flaky."""
     rng = np.random.default_rng(seed)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8))) for _ in range(400)]
     root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_files):
+    splits: set[bool] = set()
+    i = 0
+    while i < n_files or len(splits) < 2:
         lines = [" ".join(rng.choice(words, 10)) for _ in range(60)]
         (root / f"doc{i:02d}.txt").write_text(f"# file {i}: café ünïcode\n\t" + "\n".join(lines) + "\n")
+        splits.add(corpus.held_out(f"{root}/doc{i:02d}.txt", eval_fraction))
+        i += 1
     return root
 
 
@@ -156,7 +163,7 @@ def test_eval_set_fixed_across_prepares_and_hashed(prepared, corpus_dir, tmp_pat
 
 
 def test_second_prepare_is_a_no_op_and_keyed_on_content(tmp_path, monkeypatch):
-    corpus_dir = write_corpus(tmp_path / "text")  # 40 files: a held-out split (1 in 5) is all but certain
+    corpus_dir = write_corpus(tmp_path / "text")
     cfg = make_cfg([corpus_dir], tmp_path / "cache")
     first = data.prepare(cfg, progress=False)
 
