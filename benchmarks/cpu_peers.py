@@ -12,9 +12,11 @@ Jobs, each on the same model shape (the config's; attention-only, shortformer po
 `--threads` takes thread counts (1, 2) and, for our side, `DxT` layouts: `2x1` runs our job on 2 single-threaded
 CPU devices in one process (the train batch, the ablation lanes and the loss batches split over them) against
 the peer at 2 threads (measured once per job and core count, and shared by the "2" and "2x1" rows).
-Each figure is the best of `--rounds` child processes, ours and the peer's alternating, each with its thread count
-fixed before its library starts (torch and XLA never share a process: loaded together, XLA's step ran 1.6x
-slower). Without torch and transformer_lens (the `tl` extra) the table has our column only.
+The peer runs with glibc's default allocator, as a TransformerLens user's process does; `--peer-keep-heap` gives
+it the settings `import induction_jax` makes (induction_jax/hostmem.py). Each figure is the best of `--rounds`
+child processes, ours and the peer's alternating, each with its thread count fixed before its library starts
+(torch and XLA never share a process: loaded together, XLA's step ran 1.6x slower). Without torch and
+transformer_lens (the `tl` extra) the table has our column only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -30,15 +33,17 @@ import time
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def _best_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int) -> tuple[float, float]:
+    """(best seconds, minor page faults per timed call)."""
     fn()
     fn()  # compile / warm up
     best = float("inf")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return best
+    return best, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
 
 
 def ours(job: str, cfg, examples: int, batch: int):
@@ -133,8 +138,8 @@ def _child(args) -> None:
         import torch
         torch.set_num_threads(_layout(args.threads[0])[2])
     fn, work = (ours if args.child == "ours" else peer)(args.job, cfg, args.examples, args.batch)
-    best = _best_time(fn, args.repeats)
-    print(json.dumps({"value": best if work is None else work / best}))
+    best, faults = _best_time(fn, args.repeats)
+    print(json.dumps({"value": best if work is None else work / best, "faults": faults}))
 
 
 def _layout(spec: str) -> tuple[int, int, int]:
@@ -151,6 +156,9 @@ def _measure(who: str, job: str, spec: str, batch: int, args) -> float | None:
     if who == "peer":
         devices, threads = 1, cores
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads), JAX_NUM_CPU_DEVICES=str(devices))
+    if who == "peer" and not args.peer_keep_heap:
+        # The child imports induction_jax for the config, whose import would tune the peer's allocator too.
+        env["INDUCTION_JAX_KEEP_HEAP"] = "0"
     if threads == 1:
         env["XLA_FLAGS"] = SINGLE_THREAD
     cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", spec, "--config",
@@ -182,6 +190,9 @@ def main() -> None:
                     help="windows per call in the ablate job, one row each (4: what `ablate` runs with the "
                          "demo's eval.batch_size 32 and 8 heads)")
     ap.add_argument("--rounds", type=int, default=2, help="child processes per figure, alternating ours and peer")
+    ap.add_argument("--peer-keep-heap", action="store_true",
+                    help="give the peer's process the allocator settings ours makes on import (induction_jax.hostmem); "
+                         "by default it runs with glibc's, as a TransformerLens user's does")
     ap.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
