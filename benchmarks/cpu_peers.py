@@ -191,8 +191,8 @@ def main() -> None:
                          "demo's eval.batch_size 32 and 8 heads)")
     ap.add_argument("--rounds", type=int, default=2, help="child processes per figure, alternating ours and peer")
     ap.add_argument("--peer-keep-heap", action="store_true",
-                    help="give the peer's process the allocator settings ours makes on import (induction_jax.hostmem); "
-                         "by default it runs with glibc's, as a TransformerLens user's does")
+                    help="give the peer's process the allocator settings ours makes on import "
+                         "(induction_jax.hostmem); by default it runs with glibc's, as a TransformerLens user's does")
     ap.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
