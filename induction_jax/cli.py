@@ -11,8 +11,9 @@ import argparse
 import errno
 import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from .config import Config, UserError, load
 
@@ -52,18 +53,23 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     try:
         code = main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted", 130)
     except OSError as e:
         # The file-system faults a user fixes outside the program; anything else is a bug and keeps its traceback.
         if e.errno not in _USER_FIXABLE:
             raise
-        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror}", 2)
     sys.exit(code or 0)
+
+
+def _fail(line: str, status: int) -> NoReturn:
+    print(line, file=sys.stderr)
+    # Work the failure abandoned (an Orbax save's unstarted tensorstore writes) is collected at exit, and each
+    # never-run coroutine would add a warning after the one line.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    sys.exit(status)
 
 
 _USER_FIXABLE = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}

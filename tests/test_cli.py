@@ -39,6 +39,24 @@ def test_a_user_error_is_one_line_and_status_2(capsys):
     assert capsys.readouterr().err == "error: runs/x: something the user can fix\n"
 
 
+def test_a_failure_that_abandons_async_work_still_exits_in_one_line():
+    # A save that fails on a full disk leaves unstarted write coroutines, which Python collects at exit.
+    prog = """
+from induction_jax import cli
+from induction_jax.config import UserError
+async def write_fragment():
+    pass
+abandoned = []
+def main(argv):
+    abandoned.append(write_fragment())
+    raise UserError("runs/x: the disk is full")
+cli.run(main, [])
+"""
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, env={**os.environ,
+                                                                                      "JAX_PLATFORMS": "cpu"})
+    assert (r.returncode, r.stderr) == (2, "error: runs/x: the disk is full\n")
+
+
 def test_check_writable_refuses_in_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
