@@ -11,7 +11,10 @@ Jobs, each on the same model shape (the config's; attention-only, shortformer po
 - loss: per-token losses of the eval windows (tokens/s).
 `--threads` takes thread counts (1, 2) and, for our side, `DxT` layouts: `2x1` runs our job on 2 single-threaded
 CPU devices in one process (the train batch, the ablation lanes and the loss batches split over them) against
-the peer at 2 threads (measured once per job and core count, and shared by the "2" and "2x1" rows).
+the peer at 2 threads (measured once per job and core count, and shared by the "2" and "2x1" rows). Every child
+is pinned to as many cores as its layout uses (cores 0..n-1, `sched_setaffinity`): XLA:CPU sizes its thread pool by
+the cores it may run on and ignores `--xla_cpu_multi_thread_eigen=false`, so an unpinned "1 thread" child of ours
+ran on both cores (16.2 s of CPU in 11.0 s).
 The peer runs with glibc's default allocator, as a TransformerLens user's process does; `--peer-keep-heap` gives
 it the settings `import induction_jax` makes (induction_jax/hostmem.py). Each figure is the best of `--rounds`
 child processes, ours and the peer's alternating, each with its thread count fixed before its library starts
@@ -151,6 +154,13 @@ def _layout(spec: str) -> tuple[int, int, int]:
     return d, t, d * t
 
 
+def pinned(cores: int):
+    """preexec_fn confining a child to cores 0..cores-1 (Linux), so a thread count is the cores it really uses."""
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < cores:
+        return None
+    return lambda: os.sched_setaffinity(0, set(range(cores)))
+
+
 def _measure(who: str, job: str, spec: str, batch: int, args) -> float | None:
     devices, threads, cores = _layout(spec)
     if who == "peer":
@@ -164,7 +174,7 @@ def _measure(who: str, job: str, spec: str, batch: int, args) -> float | None:
     cmd = [sys.executable, __file__, "--child", who, "--job", job, "--threads", spec, "--config",
            args.config, "--examples", str(args.examples), "--repeats", str(args.repeats), "--batch", str(batch),
            *args.overrides]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=pinned(cores))
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
         print(f"  ({who} {job} {spec} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)

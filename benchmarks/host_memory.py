@@ -19,7 +19,7 @@ import cpu_peers
 
 
 def measure(job: str, spec: str, keep: bool, args) -> dict | None:
-    devices, threads, _ = cpu_peers._layout(spec)
+    devices, threads, cores = cpu_peers._layout(spec)
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS=str(threads), JAX_NUM_CPU_DEVICES=str(devices),
                INDUCTION_JAX_KEEP_HEAP="1" if keep else "0")
     if threads == 1:
@@ -27,7 +27,7 @@ def measure(job: str, spec: str, keep: bool, args) -> dict | None:
     cmd = [sys.executable, cpu_peers.__file__, "--child", "ours", "--job", job, "--threads", spec, "--examples",
            str(args.examples), "--repeats", str(args.repeats), "--batch", str(args.ablate_batch if job == "ablate"
                                                                             else 0)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=cpu_peers.pinned(cores))
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
         print(f"  ({job} {spec} failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)

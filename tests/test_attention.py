@@ -167,6 +167,25 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot():
                                rtol=1e-6)
 
 
+def test_unembed_cross_entropy_gradients_match_numpy():
+    r = np.random.default_rng(6)
+    x = r.standard_normal((2, 5, 4)).astype(np.float32)
+    w = r.standard_normal((4, 9)).astype(np.float32)
+    targets = r.integers(0, 9, (2, 5))
+    g = r.standard_normal((2, 5)).astype(np.float32)
+    loss, (dx, dw) = jax.value_and_grad(
+        lambda x, w: (model_lib.unembed_cross_entropy(x, w, jnp.asarray(targets)) * g).sum(), argnums=(0, 1))(
+        jnp.asarray(x), jnp.asarray(w))
+    logits = x @ w
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dlogits = (p - np.eye(9)[targets]) * g[..., None]
+    np.testing.assert_allclose(loss, (-np.log(np.take_along_axis(p, targets[..., None], -1))[..., 0] * g).sum(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(dx, dlogits @ w.T, atol=1e-5)
+    np.testing.assert_allclose(dw, x.reshape(-1, 4).T @ dlogits.reshape(-1, 9), atol=1e-5)
+
+
 @pytest.mark.parametrize("remat", ["block", "dots"])
 def test_remat_keeps_parameters_losses_and_gradients(remat):
     cfg, m, params, tokens = _model(d_mlp=32, local_heads=1, local_window=4)
