@@ -41,7 +41,10 @@ def test_explicit_matches_numpy(windows):
 
 @pytest.mark.parametrize("windows", WINDOWS)
 @pytest.mark.parametrize("block", [4, 7, 64])
-def test_blocked_matches_explicit_in_value_and_gradient(windows, block):
+@pytest.mark.parametrize("saved_bytes", [0, attention.SAVED_PATTERN_BYTES], ids=["recomputed", "saved"])
+def test_blocked_matches_explicit_in_value_and_gradient(windows, block, saved_bytes, monkeypatch):
+    """Both backward passes: patterns recomputed from the log-sum-exp, and patterns kept from the forward."""
+    monkeypatch.setattr(attention, "SAVED_PATTERN_BYTES", saved_bytes)
     q, k, v, g = _qkv(1)
 
     def loss(fn):
