@@ -15,7 +15,7 @@ import numpy as np
 
 from timing import best_time
 
-from induction_jax import ablation, config
+from induction_jax import ablation, config, crossentropy
 from induction_jax import model as model_lib
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     def loop():
         return [[ablation.single_mask_losses(model, params, b, jnp.asarray(mk)) for mk in masks] for b in batches]
 
-    fwd = jax.jit(lambda p, t: model_lib.token_losses(model.apply({"params": p}, t), t))
+    fwd = jax.jit(lambda p, t: crossentropy.token_losses(model.apply({"params": p}, t), t))
 
     def clean():
         return [[fwd(params, b) for _ in range(h)] for b in batches]

@@ -10,7 +10,7 @@ process tree (main process plus tokenizing workers), whose summed RSS is sampled
 is counted when it exits: MB per CPU-second does not depend on what else the machine runs. The loader is timed
 in a fresh process on the largest store, reading `global_batch` of the train config's shape; its peak RSS is
 compared with `--budget-gb` and with the store's size. The training step is timed here directly (jitted
-value_and_grad of the mean `model.token_losses` plus an optax.adamw update, one thread) on the same shape.
+value_and_grad of the mean `crossentropy.token_losses` plus an optax.adamw update, one thread) on the same shape.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def train_rate(config: str, steps: int) -> float:
     import numpy as np
     import optax
 
-    from induction_jax import model
+    from induction_jax import crossentropy, model
     from induction_jax.config import load
 
     cfg = load(config)
@@ -135,7 +135,7 @@ def train_rate(config: str, steps: int) -> float:
     @jax.jit
     def step(params, opt_state, tokens_BT):
         def loss_fn(p):
-            return model.token_losses(net.apply({"params": p}, tokens_BT), tokens_BT).mean()
+            return crossentropy.token_losses(net.apply({"params": p}, tokens_BT), tokens_BT).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)

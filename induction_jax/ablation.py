@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import evaluate
+from . import crossentropy, evaluate
 from . import model as model_lib
 from .config import EvalConfig
 
@@ -64,7 +64,7 @@ def clean_run(model: model_lib.Transformer, params, tokens_BT, path: str = "tota
         want += ("head_results",)
     logits, cap = model.apply({"params": params}, tokens_BT, capture=("patterns", "resid", *want))
     extra = {k: cap[k] for k in want if k in cap}
-    return model_lib.token_losses(logits, tokens_BT), cap["patterns"], cap["resid"], extra
+    return crossentropy.token_losses(logits, tokens_BT), cap["patterns"], cap["resid"], extra
 
 
 @partial(jax.jit, static_argnames=("model", "first_layer", "removed_layers", "kind", "path"))
@@ -86,7 +86,7 @@ def _lanes(model, params, tokens_BT, masks_MLH, resid_BTD, removed_LBTHD, patter
                                  patterns if kind == "pattern" else None, (),
                                  extra.get("ln_scales") if path == "frozen_ln" else None,
                                  method=model_lib.Transformer.run_from)
-        return model_lib.token_losses(logits, tokens_BT)
+        return crossentropy.token_losses(logits, tokens_BT)
     return jax.vmap(one)(masks_MLH)
 
 
@@ -101,7 +101,7 @@ def single_mask_losses(model, params, tokens_BT, mask_LH, kind: str = "pattern",
         logits = model.apply({"params": params}, tokens_BT, head_mask=mask_LH,
                              patterns=cap["patterns"] if kind == "pattern" else None,
                              ln_scales=cap.get("ln_scales") if path == "frozen_ln" else None)
-    return model_lib.token_losses(logits, tokens_BT)
+    return crossentropy.token_losses(logits, tokens_BT)
 
 
 def _lane_sharding() -> NamedSharding:

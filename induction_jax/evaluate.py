@@ -1,6 +1,6 @@
 """Per-token losses on the fixed eval set, the ICL score and the loss views of docs/method.md §3.
 
-Convention (as in model.token_losses): a loss array `losses_NL` has L = T - 1 columns and column c holds the loss
+Convention (as in crossentropy.token_losses): a loss array `losses_NL` has L = T - 1 columns and column c holds the loss
 at token index c + 1, the 0-based index of the predicted token. Token index 0 has no loss.
 """
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .model import token_losses
+from .crossentropy import token_losses
 
 PAPER_LENGTH = 512  # the paper's eval windows; its ICL indices 50 and 500 refer to this length
 

@@ -8,7 +8,7 @@ import functools
 import jax
 import numpy as np
 
-from . import evaluate, heads, sharding
+from . import crossentropy, evaluate, heads, sharding
 from . import model as model_lib
 from .config import Config, EvalConfig
 from .evalset import EvalSet
@@ -24,7 +24,7 @@ def probe(model, params, tokens_NL, prefix_tokens_BT, eval_cfg: EvalConfig) -> d
     """
     early, late = evaluate.icl_indices(tokens_NL.shape[1], eval_cfg.icl_early, eval_cfg.icl_late)
     logits, cap = model.apply({"params": params}, tokens_NL, capture=("patterns",))
-    losses_NL = model_lib.token_losses(logits, tokens_NL)
+    losses_NL = crossentropy.token_losses(logits, tokens_NL)
     # The previous-token head forms before the induction heads that read it.
     prev_LH = heads.previous_token_from_patterns(cap["patterns"]).mean(axis=1)
     patterns_LBHQK = model.apply({"params": params}, prefix_tokens_BT, capture=("patterns",))[1]["patterns"]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from induction_jax import ablate, ablation, config, model
+from induction_jax import ablate, ablation, config, crossentropy, model
 
 CFG = config.ModelConfig(n_layers=2, d_model=32, n_heads=4, context=12, vocab_size=50, init_std=0.3)
 
@@ -78,7 +78,7 @@ def test_pattern_preserving_equals_removing_every_path_through_the_head():
         np.testing.assert_allclose(np.asarray(logits, np.float64), expect, atol=1e-5)
         # and the vmapped job gives the same per-token losses
         lanes = ablation.ablated_losses(m, p, toks, mask[None])
-        ref = model.token_losses(jnp.asarray(expect, jnp.float32), toks)
+        ref = crossentropy.token_losses(jnp.asarray(expect, jnp.float32), toks)
         np.testing.assert_allclose(lanes[0], ref, atol=1e-5)
 
 
@@ -214,7 +214,7 @@ def test_frozen_ln_equals_subtracting_the_heads_terms():
     lanes = ablation.ablated_losses(m, p, toks, ablation.head_masks(heads, 3, 4), path="frozen_ln")
     for lane, head in zip(lanes, heads):
         expect = _numpy_frozen_ln_logits_without(cfg, p, toks, cap["patterns"], head)
-        np.testing.assert_allclose(lane, model.token_losses(jnp.asarray(expect, jnp.float32), toks), atol=2e-5)
+        np.testing.assert_allclose(lane, crossentropy.token_losses(jnp.asarray(expect, jnp.float32), toks), atol=2e-5)
 
 
 def test_shares_and_their_standard_errors():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from induction_jax import attention, config, model as model_lib
+from induction_jax import attention, config, crossentropy, model as model_lib
 
 B, H, T, D = 2, 4, 19, 8  # T not a multiple of the blocks below
 
@@ -128,7 +128,7 @@ def test_training_loss_fused_equals_explicit(over):
     def mean_loss(mod):
         return lambda p: mod.apply({"params": p}, tokens, method=model_lib.Transformer.losses).mean()
 
-    ref = lambda p: model_lib.token_losses(m.apply({"params": p}, tokens), tokens).mean()  # noqa: E731
+    ref = lambda p: crossentropy.token_losses(m.apply({"params": p}, tokens), tokens).mean()  # noqa: E731
     val_f, grad_f = jax.value_and_grad(mean_loss(m))(params)
     val_e, grad_e = jax.value_and_grad(mean_loss(explicit))(params)
     val_r, grad_r = jax.value_and_grad(ref)(params)
@@ -161,11 +161,11 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot():
     logits = jnp.asarray(r.standard_normal((2, 3, 7)) * 3, jnp.float32)
     targets = jnp.asarray(r.integers(0, 7, (2, 3)))
     g = jnp.asarray(r.standard_normal((2, 3)), jnp.float32)
-    grad = jax.grad(lambda x: (model_lib.cross_entropy(x, targets) * g).sum())(logits)
+    grad = jax.grad(lambda x: (crossentropy.cross_entropy(x, targets) * g).sum())(logits)
     p = np.exp(np.asarray(logits) - np.log(np.exp(np.asarray(logits)).sum(-1, keepdims=True)))
     expect = (p - np.eye(7)[np.asarray(targets)]) * np.asarray(g)[..., None]
     np.testing.assert_allclose(grad, expect, atol=1e-6)
-    loss = model_lib.cross_entropy(logits, targets)
+    loss = crossentropy.cross_entropy(logits, targets)
     np.testing.assert_allclose(loss, -np.log(np.take_along_axis(p, np.asarray(targets)[..., None], -1))[..., 0],
                                rtol=1e-6)
 
@@ -177,7 +177,7 @@ def test_unembed_cross_entropy_gradients_match_numpy():
     targets = r.integers(0, 9, (2, 5))
     g = r.standard_normal((2, 5)).astype(np.float32)
     loss, (dx, dw) = jax.value_and_grad(
-        lambda x, w: (model_lib.unembed_cross_entropy(x, w, jnp.asarray(targets)) * g).sum(), argnums=(0, 1))(
+        lambda x, w: (crossentropy.unembed_cross_entropy(x, w, jnp.asarray(targets)) * g).sum(), argnums=(0, 1))(
         jnp.asarray(x), jnp.asarray(w))
     logits = x @ w
     p = np.exp(logits - logits.max(-1, keepdims=True))
