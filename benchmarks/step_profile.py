@@ -2,7 +2,7 @@
 
     python benchmarks/step_profile.py [--config configs/cpu/attn_only_2l.yaml] [--cores 1] [key=value ...]
 
-The process pins itself to its first `--cores` cores (os.sched_setaffinity) before jax starts: XLA:CPU's
+The process pins itself to its first `--cores` cores (`cpu_peers.pinned`) before jax starts: XLA:CPU's
 `--xla_cpu_multi_thread_eigen=false` and `intra_op_parallelism_threads=1` do not keep it off a second core.
 
 Prints
@@ -23,13 +23,10 @@ import collections
 import glob
 import gzip
 import json
-import os
 import re
 import tempfile
 
-
-def _pin(cores: int) -> None:
-    os.sched_setaffinity(0, set(range(cores)))
+from cpu_peers import pinned
 
 
 def _part(op_name: str, rank: int) -> str:
@@ -77,7 +74,9 @@ def main() -> None:
     ap.add_argument("--trace-steps", type=int, default=3)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    _pin(args.cores)
+    pin = pinned(args.cores)
+    if pin:
+        pin()
 
     import jax
     import numpy as np
@@ -138,11 +137,11 @@ def main() -> None:
         print(f"| {label} | {t * 1e3:.1f} | {n_tokens / t:,.0f} | {best[0] / t:.2f}x |")
 
     ops = _ops(trainer.step_fn.lower(state[0], batch).compile().as_text())
-    trace_dir = tempfile.mkdtemp(prefix="step_profile_")
-    with jax.profiler.trace(trace_dir):
-        for _ in range(args.trace_steps):
-            jax.block_until_ready(run())
-    events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]))
+    with tempfile.TemporaryDirectory(prefix="step_profile_") as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(args.trace_steps):
+                jax.block_until_ready(run())
+        events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]))
     events = events["traceEvents"] if isinstance(events, dict) else events
     ms = collections.defaultdict(float)
     for e in events:
