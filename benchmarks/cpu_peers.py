@@ -28,25 +28,12 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
+
+from timing import timed
 
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-def _best_time(fn, repeats: int) -> tuple[float, float]:
-    """(best seconds, minor page faults per timed call)."""
-    fn()
-    fn()  # compile / warm up
-    best = float("inf")
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
 
 
 def ours(job: str, cfg, examples: int, batch: int):
@@ -141,7 +128,7 @@ def _child(args) -> None:
         import torch
         torch.set_num_threads(_layout(args.threads[0])[2])
     fn, work = (ours if args.child == "ours" else peer)(args.job, cfg, args.examples, args.batch)
-    best, faults = _best_time(fn, args.repeats)
+    best, faults = timed(fn, args.repeats, warmups=2)  # compile, then one call with warm caches
     print(json.dumps({"value": best if work is None else work / best, "faults": faults}))
 
 
