@@ -7,7 +7,8 @@ Two paths compute the same causal (optionally windowed) softmax attention:
   devices, else jax's backend):
   - `splash` on TPU: the Pallas splash-attention kernel of jax.experimental, which skips the masked-out blocks
     of causal and windowed heads; under a mesh it runs per shard (batch over the batch axes, heads over tensor);
-  - `dot_product` on GPU: `jax.nn.dot_product_attention` (cuDNN's fused kernel where available);
+  - `dot_product` on GPU: `jax.nn.dot_product_attention` with cuDNN's fused kernel for bfloat16/float16 inputs,
+    else (float32, or inputs cuDNN refuses) its XLA implementation, which forms the scores;
   - `blocked` elsewhere: a causal-blocked attention with its own backward pass (the flash-attention recurrence
     in plain XLA): query blocks skip the keys after them. The backward reuses the forward's patterns while they
     fit in `SAVED_PATTERN_BYTES`, and otherwise recomputes each block's pattern from the saved log-sum-exp
@@ -20,6 +21,7 @@ window >= T. `fused` and `blocked` take queries already scaled by 1/sqrt(d_head)
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -29,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .config import SPLASH_TILE
 
 NEG = jnp.finfo(jnp.float32).min
+log = logging.getLogger(__name__)
 
 
 def mask_HQK(windows: tuple[int, ...], q0: int, n_q: int, n_k: int) -> jax.Array:
@@ -212,18 +215,42 @@ def splash(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], block: int, batch_a
     return run(kernel, q_BHTd, k_BHTd, v_BHTd)
 
 
+def dot_implementations(dtype, on: str) -> tuple[str, ...]:
+    """The `jax.nn.dot_product_attention` implementations to try, in order, for inputs of `dtype` on platform
+    `on`. jax's default (None) is its XLA implementation, which forms the T x T scores: on GPU, half-precision
+    inputs ask for cuDNN's fused kernel first, which takes only fp16/bf16."""
+    if on == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return ("cudnn", "xla")
+    return ("xla",)
+
+
 def dot_product(q_BHTd, k_BHTd, v_BHTd, windows: tuple[int, ...], implementation: str | None = None):
-    """z [B, H, T, d] from `jax.nn.dot_product_attention` (which picks cuDNN's fused kernel on GPU)."""
+    """z [B, H, T, d] from `jax.nn.dot_product_attention`: `implementation`, or the first of
+    `dot_implementations` that accepts these inputs (cuDNN checks its version, dtypes and shapes as it traces)."""
     t = q_BHTd.shape[2]
+    tries = (implementation,) if implementation else dot_implementations(q_BHTd.dtype, platform())
     zs = []
     # It takes one window for all heads: each run of heads with equal windows is one call.
     for h0, h1, window in _runs(windows):
         q, k, v = (x[:, h0:h1].transpose(0, 2, 1, 3) for x in (q_BHTd, k_BHTd, v_BHTd))  # [B, T, N, d]
         local = None if window >= t else (window - 1, 0)
-        z = jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True, local_window_size=local,
-                                         implementation=implementation)
+        for i, impl in enumerate(tries):
+            try:
+                z = jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True, local_window_size=local,
+                                                 implementation=impl)
+                break
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                if i == len(tries) - 1:
+                    raise
+                _fallback_once(impl, str(e).splitlines()[0])
         zs.append(z.transpose(0, 2, 1, 3))
     return jnp.concatenate(zs, 1)
+
+
+@functools.cache
+def _fallback_once(impl: str, reason: str) -> None:
+    log.warning("attention: %s refused these inputs (%s); using XLA's dot_product_attention, which forms the "
+                "T x T scores", impl, reason)
 
 
 def _runs(windows: tuple[int, ...]) -> list[tuple[int, int, int]]:

@@ -68,6 +68,27 @@ def test_dot_product_path_matches_explicit(windows):
     np.testing.assert_allclose(z, attention.explicit(q, k, v, windows)[0], atol=1e-5)
 
 
+def test_gpu_asks_for_cudnn_in_half_precision():
+    # jax's default implementation (None) is the XLA one, which forms the T x T scores.
+    assert attention.dot_implementations(jnp.bfloat16, "gpu") == ("cudnn", "xla")
+    assert attention.dot_implementations(jnp.float16, "gpu") == ("cudnn", "xla")
+    assert attention.dot_implementations(jnp.float32, "gpu") == ("xla",)  # cuDNN takes only fp16/bf16
+    assert attention.dot_implementations(jnp.bfloat16, "cpu") == ("xla",)
+
+
+def test_dot_product_falls_back_to_xla_where_cudnn_refuses(monkeypatch, caplog):
+    """As on a GPU without cuDNN: the cuDNN call refuses as it traces ("cuDNN is not detected" here), the XLA
+    implementation answers, and one warning says so."""
+    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    q, k, v, _ = _qkv(3)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    with caplog.at_level("WARNING", logger="induction_jax.attention"):
+        z = jax.jit(lambda q, k, v: attention.dot_product(q / math.sqrt(D), k, v, WINDOWS[1]))(q, k, v)
+    assert any("cudnn refused" in r.getMessage() for r in caplog.records)
+    ref = attention.explicit(*(x.astype(jnp.float32) for x in (q, k, v)), WINDOWS[1])[0]
+    np.testing.assert_allclose(np.asarray(z, np.float32), ref, atol=3e-2)
+
+
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
 def test_splash_matches_explicit_in_value_and_gradient(mesh_shape):
     """The TPU kernel through its interpreter, with two dense heads, a 33-token and a 128-token window, on one
