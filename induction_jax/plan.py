@@ -228,6 +228,13 @@ def _mem_line(mem: Memory, hbm_gib: float) -> str:
             f"arguments), temporaries {_gib(mem.temporaries)}, peak {_gib(mem.peak)} of {hbm_gib:g} GiB: {verdict}")
 
 
+# XLA:CPU's pipeline expands the optimization barriers jax.checkpoint puts around the recomputed forward, and a
+# later CSE pass merges that forward back into the original: what the backward needs stays live, as without remat.
+CPU_UNDOES_REMAT = ("note: the CPU compiler undoes model.remat (it removes the barriers that keep the recomputed "
+                    "forward apart), so this memory is the step's without remat; compile for a TPU topology "
+                    "(--topology) to see remat's saving")
+
+
 def report(cfg: Config, out: dict, target: str) -> str:
     m, mesh = cfg.model, out["mesh"]
     where = ("compiled by libtpu for the TPU topology, no TPU used" if out["platform"] == "tpu"
@@ -242,6 +249,8 @@ def report(cfg: Config, out: dict, target: str) -> str:
         f"{m.context} = {out['tokens_per_step']:,} tokens/step ({per_dev:g} per data x fsdp shard)",
         f"train step: attention {out['attention']}, remat {m.remat}, loss chunk {m.loss_chunk or 'off'}",
     ]
+    if m.remat != "none" and out["platform"] == "cpu":
+        lines.append(CPU_UNDOES_REMAT)
     if "train" in out:
         lines.append(f"train step, per device: {_mem_line(out['train'], out['hbm_gib'])}")
     else:

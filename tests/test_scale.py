@@ -41,6 +41,40 @@ def test_growing_the_fsdp_axis_shrinks_per_device_memory():
         f"{out[8].temporaries / 2**20:.0f} MiB at fsdp=8; something big is replicated")
 
 
+# 4 layers of full_6l's widths at context 1024, 16 sequences over 8 devices: the explicit path keeps every layer's
+# [B, H, T, T] pattern for the backward (2 sequences x 12 heads x 1024^2 x 4 bytes = 96 MiB a layer per device).
+SHRINK = ["model.n_layers=4", "model.context=1024", "train.batch_size=16", "model.vocab_size=4096",
+          "model.local_window=64", "model.dtype=float32", "model.loss_chunk=0", "mesh.data=1", "mesh.fsdp=8",
+          "mesh.tensor=1"]
+PATTERN_MIB = 4 * 2 * 12 * 1024 ** 2 / 2**20
+
+
+def _planned_temps_mib(devices, overrides) -> float:
+    cfg = config.load("configs/full_6l.yaml", SHRINK + overrides)
+    return plan.plan(cfg, devices, plan.CHIPS["v5e"], mfu=0.4, forward=False)["train"].temporaries / 2**20
+
+
+def test_fused_attention_shrinks_the_planned_step_and_the_cpu_compiler_undoes_remat():
+    devices = jax.devices()[:8]
+    explicit = _planned_temps_mib(devices, ["model.attention=explicit", "model.remat=none"])
+    fused = _planned_temps_mib(devices, ["model.attention=fused", "model.remat=none"])
+    assert explicit - fused > 3 * PATTERN_MIB, (explicit, fused)  # about one pattern per layer
+    # What the plan prints for a CPU compile with remat on (plan.CPU_UNDOES_REMAT) must stay true.
+    block = _planned_temps_mib(devices, ["model.attention=fused", "model.remat=block"])
+    assert abs(block - fused) < 0.1 * fused, (block, fused)
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward", "model.remat=block")
+    assert r.returncode == 0 and plan.CPU_UNDOES_REMAT in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')")
+def test_remat_shrinks_the_step_libtpu_compiles():
+    devices, _ = plan.tpu_devices("v5e:2x4")
+    none = _planned_temps_mib(devices, ["model.remat=none"])
+    block = _planned_temps_mib(devices, ["model.remat=block"])
+    dots = _planned_temps_mib(devices, ["model.remat=dots"])
+    assert block < dots < none and block < 0.75 * none, (block, dots, none)
+
+
 def test_plan_cli_on_fake_cpu_devices():
     r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "4", "--markdown")
     assert r.returncode == 0, r.stderr[-2000:]
