@@ -2,7 +2,7 @@
 measured in the same run), or with --inline any config on this process's default device (an accelerator's peak:
 its datasheet figure).
 
-    python benchmarks/train_throughput.py [--configs configs/cpu/attn_only_2l.yaml ...] [--steps 30] [key=value ...]
+    python benchmarks/train_throughput.py [key=value ...] [--steps 30] [--configs configs/cpu/attn_only_2l.yaml ...]
     python benchmarks/train_throughput.py --side-by-side   # also: 2 single-threaded processes, one per core;
                                                            # 1 process data-parallel over 2 single-threaded devices;
                                                            # 2 processes (one per core) data-parallel over
@@ -154,6 +154,13 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    hint = "(key=value overrides go before --paths and --configs, which take lists)"
+    for path in args.paths:
+        if path not in ("fused", "explicit"):
+            ap.error(f"--paths: {path!r} is neither fused nor explicit {hint}")
+    for c in args.configs:
+        if not os.path.isfile(c):
+            ap.error(f"--configs: {c}: no such file {hint}")
     if args.child:
         return _child(args)
     if args.inline:
