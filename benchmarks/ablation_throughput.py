@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from timing import best_time
-
-from induction_jax import ablation, config, crossentropy
-from induction_jax import model as model_lib
+from cpu_peers import pinned
 
 
 def main() -> None:
@@ -24,8 +17,22 @@ def main() -> None:
     ap.add_argument("--config", default="configs/cpu/attn_only_2l.yaml")
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--cores", type=int, default=1, help="pin the process to its first N cores")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    pin = pinned(args.cores)  # before jax starts: its CPU threads then stay on these cores
+    if pin:
+        pin()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from timing import best_time
+
+    from induction_jax import ablation, config, crossentropy
+    from induction_jax import model as model_lib
+
     cfg = config.load(args.config, args.overrides)
     m = cfg.model
     model = model_lib.make(m)

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import numpy as np
-
-from timing import best_time
-
-from induction_jax import config, evaluate, heads, sharding, step
-from induction_jax import model as model_lib
+from cpu_peers import pinned
 
 
 def main() -> None:
@@ -25,8 +19,21 @@ def main() -> None:
     ap.add_argument("--config", default="configs/cpu/attn_only_2l.yaml")
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--cores", type=int, default=1, help="pin the process to its first N cores")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    pin = pinned(args.cores)  # before jax starts: its CPU threads then stay on these cores
+    if pin:
+        pin()
+
+    import jax
+    import numpy as np
+
+    from timing import best_time
+
+    from induction_jax import config, evaluate, heads, sharding, step
+    from induction_jax import model as model_lib
+
     cfg = config.load(args.config, args.overrides)
     m = cfg.model
     rng = np.random.default_rng(0)
