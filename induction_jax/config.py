@@ -72,7 +72,9 @@ class ModelConfig:
     # The fused path's kernel: auto (splash on TPU, jax.nn.dot_product_attention on GPU, blocked elsewhere) or one
     # of them by name.
     attention_kernel: str = "auto"
-    attention_block: int = 128  # query block of the blocked kernel (causal blocks skip the keys after them)
+    # Query block of the blocked kernel (causal blocks skip the keys after them); the splash kernel takes the
+    # largest multiple of 128 that divides the context and is at most this, clipped to 128..512, as its tile.
+    attention_block: int = 128
     remat: str = "none"
     loss_chunk: int = 0  # positions unembedded at a time in the training loss (0 = all); bounds the logits' memory
 
