@@ -193,3 +193,14 @@ def test_stacked_puts_every_layer_on_a_leading_axis():
     for layer in range(3):
         np.testing.assert_array_equal(w_LDHE[layer], p[f"block_{layer}"]["attn"]["W_V"])
     assert model.stacked(p, "ln1", "scale").shape == (3, cfg.d_model)
+
+
+def test_projection_layouts_agree(monkeypatch):
+    """The CPU's reshaped projection matmul and the einsum every other platform compiles give the same model."""
+    cfg, m, p = _setup(head_dim=16, smeared_key=True)
+    tokens = _tokens(9)
+    cpu = m.apply({"params": p}, tokens, capture=("patterns",))
+    monkeypatch.setattr(model.attention, "platform", lambda: "tpu")
+    other = m.apply({"params": p}, tokens, capture=("patterns",))
+    for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(other)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
