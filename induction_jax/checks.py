@@ -1,4 +1,4 @@
-"""The CPU demo's checks of the paper's Arguments 1-3, computed from measured results (PASS/FAIL with numbers).
+"""The CPU demo's checks of the paper's Arguments 1, 2, 3 and 5, computed from measured results (PASS/FAIL with numbers).
 
 ICL improvement = ICL score at the first snapshot minus at the last (positive = the run learned to use context),
 using the ±window-averaged score (single indices are too noisy on a small eval set; docs/method.md §3).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import composition
 from .ablation import PATHS
 from .report import RunResults
 
@@ -169,6 +170,9 @@ def constant_lr_span(tokens, lr) -> tuple[float, float]:
 
 
 def _check4(ev: dict | None, eval_cfg) -> str:
+    """Check 4: (a) induction heads exist; (b) ablating them together removes >= 70% of the windowed ICL score on
+    the total path; (c) on the direct path (what each head writes straight to the logits), the head carrying the
+    largest share and the head undoing the largest share of the phase change are induction heads."""
     title = "4. Ablation (Argument 3)"
     if ev is None or "total" not in ev["paths"]:
         return _line(False, f"{title}: no ablation results for the 2-layer model.")
@@ -176,41 +180,122 @@ def _check4(ev: dict | None, eval_cfg) -> str:
     ind = ev["induction"]
     names = ", ".join(ind) or "none"
     share, se = total["induction_share"], total["induction_se"]
-    top = int(np.nanargmax(total["share"])) if np.isfinite(total["share"]).any() else None
     ok_a, ok_b = bool(ind), bool(ind) and share >= 0.7
-    top_text = "n/a" if top is None else f"{ev['labels'][top]} ({total['share'][top]:.0%} ± {total['se'][top]:.0%})"
-    ok_c = top is not None and ev["labels"][top] in ind
-    if ev["undone"] is None:
-        undo_text, ok_c = "no before/after snapshots", False
+    direct = ev["paths"].get("direct")
+    if direct is None:
+        c_text, ok_c = "no direct-path ablation at that step", False
     else:
-        u = int(np.argmax(ev["undone"]))
-        undo_text = f"{ev['labels'][u]} ({ev['undone'][u]:.0%}, steps {ev['before']} -> {ev['after']})"
-        ok_c = ok_c and ev["labels"][u] in ind
+        top = int(np.nanargmax(direct["share"])) if np.isfinite(direct["share"]).any() else None
+        top_text = "n/a" if top is None else \
+            f"{ev['labels'][top]} ({direct['share'][top]:.0%} ± {direct['se'][top]:.0%})"
+        ok_c = top is not None and ev["labels"][top] in ind
+        if direct["undone"] is None:
+            undo_text, ok_c = "n/a (no before/after snapshots)", False
+        else:
+            u = int(np.argmax(direct["undone"]))
+            undo_text = f"{ev['labels'][u]} ({direct['undone'][u]:.0%}, steps {ev['before']} -> {ev['after']})"
+            ok_c = ok_c and ev["labels"][u] in ind
+        c_text = (f"on the direct path the head carrying the largest share is {top_text} and the head undoing the "
+                  f"largest share of the phase change is {undo_text}")
     copying = "OV copying" if eval_cfg.copying_measure == "ov" else "copying"
     return _line(ok_a and ok_b and ok_c,
                  f"{title}: at step {ev['step']}, (a) induction heads (prefix matching > {eval_cfg.prefix_threshold}"
                  f", {copying} > {eval_cfg.copying_threshold}): {names}; (b) pattern-preserving ablation of them "
                  f"together removes {share:.0%} ± {se:.0%} of the ±{eval_cfg.icl_window}-index ICL score "
-                 f"({ev['clean_icl_window']:+.3f} nats; need >= 70%); (c) the head removing the largest share is "
-                 f"{top_text} and the head undoing the largest share of the phase change is {undo_text} (both "
-                 f"need to be induction heads).")
+                 f"({ev['clean_icl_window']:+.3f} nats; need >= 70%); (c) {c_text} (both need to be induction "
+                 f"heads).")
 
 
 def _share_info(ev: dict | None) -> list[str]:
+    """INFO: every head's share of the ICL score on each path, the share of the phase change it undoes, and what
+    it adds when ablated together with the induction heads, each with its bootstrap standard error."""
     if ev is None or not ev["paths"]:
         return []
     paths = [p for p in PATHS if p in ev["paths"]]
     cells = []
     for i, lab in enumerate(ev["labels"]):
         cells.append(f"{lab}{'*' if lab in ev['induction'] else ''} "
-                     + "/".join(f"{ev['paths'][p]['share'][i]:+.0%}" for p in paths))
-    return [f"INFO share of the ICL score removed by each head at step {ev['step']} ({' / '.join(paths)} paths; "
-            f"* induction head): " + ", ".join(cells) + "."]
+                     + " / ".join(f"{ev['paths'][p]['share'][i]:+.0%} ± {ev['paths'][p]['se'][i]:.0%}"
+                                  for p in paths))
+    lines = [f"INFO share of the ICL score removed by each head at step {ev['step']} ({' / '.join(paths)} paths; "
+             f"* induction head): " + ", ".join(cells) + "."]
+    undone = [p for p in paths if ev["paths"][p]["undone"] is not None]
+    if undone:
+        lines.append(f"INFO share of the phase change (steps {ev['before']} -> {ev['after']}) undone by each head "
+                     f"({' / '.join(undone)} paths): " + ", ".join(
+                         f"{lab} " + " / ".join(f"{ev['paths'][p]['undone'][i]:+.0%}" for p in undone)
+                         for i, lab in enumerate(ev["labels"])) + ".")
+    if ev["joint"] and ev["induction"]:
+        lines.append(f"INFO share each other head adds when ablated together with the induction heads "
+                     f"({', '.join(ev['induction'])}; total path, paired standard error): " + ", ".join(
+                         f"{lab} {ev['joint']['added'][i]:+.0%} ± {ev['joint']['se'][i]:.0%}"
+                         for i, lab in enumerate(ev["labels"]) if lab not in ev["induction"]) + ".")
+    return lines
+
+
+PREVIOUS_TOKEN = 0.4  # check 5 (a): a previous-token head attends more than this to the position before
+BASELINE_FACTOR = 2.0  # check 5 (b) and the V-composition INFO: a composition this many times the random baseline
+
+
+def check5(two: RunResults, window: dict) -> list[str]:
+    """Check 5 (Argument 5, the mechanism) and its INFO lines, from the composition scores of the last snapshot:
+    (a) each induction head's strongest K-composition partner among the heads below it is a previous-token head;
+    (b) that score is >= `BASELINE_FACTOR` x the random baseline."""
+    title = "5. Mechanism (Argument 5)"
+    step = int(two.steps[-1]) if len(two.steps) else None
+    k_LHLH = None if step is None else two.composition_at(step, "k")
+    if k_LHLH is None:
+        return [_line(False, f"{title}: no composition scores at the last analysed snapshot.")]
+    base = two.composition_baseline
+    ind_LH = two.induction_mask()
+    prev_LH = two.measure("previous_token")[-1]
+    induction = [(int(l), int(h)) for l, h in zip(*np.nonzero(ind_LH)) if l > 0]
+    if not induction:
+        return [_line(False, f"{title}: at step {step} no induction head above layer 0 to compose with.")]
+    ok_a = ok_b = True
+    parts, partners = [], []
+    for l2, h2 in induction:
+        (l1, h1), score = composition.strongest_partner(k_LHLH, l2, h2)
+        partners.append(((l1, h1), (l2, h2)))
+        ok_a &= bool(prev_LH[l1, h1] > PREVIOUS_TOKEN)
+        ok_b &= bool(score >= BASELINE_FACTOR * base)
+        parts.append(f"{l2}.{h2} <- {l1}.{h1}: K-composition {score:.3f}, {score / base:.1f}x the baseline; "
+                     f"previous-token score of {l1}.{h1} {prev_LH[l1, h1]:.2f}")
+    lines = [_line(ok_a and ok_b,
+                   f"{title}: at step {step}, each induction head's strongest K-composition partner below it "
+                   f"({'; '.join(parts)}): (a) is a previous-token head (need > {PREVIOUS_TOKEN}); (b) composes at "
+                   f">= {BASELINE_FACTOR:g}x the random baseline of the same shapes ({base:.3f}).")]
+    steps = list(two.composition_steps)
+    i, j = int(two.steps[window["i"]]), int(two.steps[window["j"]])
+    if i in steps and j in steps and len(steps) > 1:
+        k_S = two.composition[:, composition.MODES.index("k")]
+        rises = []
+        for (l1, h1), (l2, h2) in partners:
+            pair_S = k_S[:, l1, h1, l2, h2]
+            rise = pair_S[-1] - pair_S[0]
+            inside = pair_S[steps.index(j)] - pair_S[steps.index(i)]
+            rises.append(f"{l1}.{h1} -> {l2}.{h2} {pair_S[0]:.3f} -> {pair_S[-1]:.3f}, "
+                         + (f"{inside / rise:.0%} of the rise" if rise > 0 else "no rise")
+                         + f" between steps {i} and {j}")
+        lines.append("INFO K-composition over training (first -> last snapshot; the share inside check 1's "
+                     "window is a finding, not a check): " + "; ".join(rises) + ".")
+    scores = {mode: two.composition_at(step, mode) for mode in composition.MODES}
+    for l2, h2 in induction:
+        cells = [f"{l1}.{h1} " + "/".join(f"{scores[m][l1, h1, l2, h2]:.2f}" for m in composition.MODES)
+                 for l1 in range(l2) for h1 in range(k_LHLH.shape[1])]
+        lines.append(f"INFO composition into {l2}.{h2} at step {step} (Q/K/V; baseline {base:.3f}): "
+                     + ", ".join(cells) + ".")
+    feeders = [f"{l1}.{h1} -> {l2}.{h2} ({scores['v'][l1, h1, l2, h2]:.2f})" for l2, h2 in induction
+               for l1 in range(l2) for h1 in range(k_LHLH.shape[1])
+               if scores["v"][l1, h1, l2, h2] >= BASELINE_FACTOR * base]
+    lines.append(f"INFO heads feeding an induction head through its values (V-composition >= "
+                 f"{BASELINE_FACTOR:g}x baseline): " + (", ".join(feeders) or "none") + ".")
+    return lines
 
 
 def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation: dict | None,
                 bump: dict | None, pivot: dict | None) -> list[str]:
-    """The PASS/FAIL lines of checks 1-4 (docs/method.md §6) and INFO lines, from measured results only.
+    """The PASS/FAIL lines of checks 1-5 (docs/method.md §6) and INFO lines, from measured results only.
 
     `ablation` is `ablation_evidence(two, ...)`; `bump` is `loss_bump` of the 2-layer training loss; `pivot` is
     `pca_pivot` of the 2-layer trajectory against the 1-layer one."""
@@ -256,4 +341,5 @@ def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation:
                             f"max prefix matching {pms:.2f} (need > 0.5)."))
     lines.append(_check4(ablation, two.run.config.eval))
     lines += _share_info(ablation)
+    lines += check5(two, w)
     return lines

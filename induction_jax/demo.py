@@ -1,9 +1,11 @@
-"""`python -m induction_jax.demo`: the paper's Arguments 1-3 on a laptop CPU.
+"""`python -m induction_jax.demo`: the paper's Arguments 1, 2, 3 and 5 on a laptop CPU.
 
-Prepares the embedded corpus (the interpreter's own standard library), trains a 2-layer and a 1-layer
+Prepares the corpus (by default the embedded one: the interpreter's own standard library and site-packages),
+trains a 2-layer and a 1-layer
 attention-only model and a 1-layer smeared-key model side by side (one single-threaded process per core, same data
 order), analyzes all three (joint PCA), ablates every head of the 2-layer model at snapshots before, during and
-after its phase change, and writes runs/demo/report.md ending with PASS/FAIL checks. Every stage resumes: run it
+after its phase change (and, at the last snapshot, along the direct and frozen_ln paths and together with the
+induction heads), and writes runs/demo/report.md ending with PASS/FAIL checks. Every stage resumes: run it
 again after an interruption and finished work is skipped; run it when everything is done and it only rebuilds
 the report.
 """
@@ -204,10 +206,14 @@ def main(argv=None) -> int:
     out = args.out or Path("runs/demo" if not args.data_seed else f"runs/demo-seed-{args.data_seed}")
     cfg = config.load(RUNS["attn_only_2l"], args.overrides)
 
-    print("1/4 preparing the corpus (the Python standard library and site-packages)", flush=True)
+    embedded = tuple(cfg.data.sources) == ("python-stdlib",)
+    corpus = ("the Python standard library" + (" and site-packages" if cfg.data.site_packages else "")
+              if embedded else ", ".join(cfg.data.sources))
+    print(f"1/4 preparing the corpus ({corpus})", flush=True)
     prepared = data.prepare(cfg, progress=progress)
     print("    " + data.summary(prepared).replace("\n", "\n    "), flush=True)
-    print("    " + corpus_digest_note(prepared), flush=True)
+    if embedded:  # only the embedded corpus has a recorded digest to compare with
+        print("    " + corpus_digest_note(prepared), flush=True)
 
     print("2/4 training three models side by side (one single-threaded process per core)", flush=True)
     train_all(out, args.overrides, progress)
@@ -223,10 +229,11 @@ def main(argv=None) -> int:
     picks = ablation_steps(two.steps.tolist(), {"start_index": w["i"], "end_index": w["j"]})
     before, after = int(two.steps[w["i"]]), int(two.steps[w["j"]])
     print(f"4/4 ablating every head of the 2-layer model at steps {picks} (and along the direct and frozen_ln "
-          f"paths at step {picks[-1]})", flush=True)
+          f"paths, and together with the induction heads, at step {picks[-1]})", flush=True)
     scoring.ablate_run(run2, steps=picks, kind="pattern", progress=progress)
     for path_name in ("direct", "frozen_ln"):
         scoring.ablate_run(run2, steps=picks[-1:], kind="pattern", progress=progress, path=path_name)
+    scoring.ablate_run(run2, steps=picks[-1:], kind="pattern", progress=progress, joint=True)
 
     path = report.write(list(runs.values()), out, before_after=(before, after))
     tok_tr, loss_tr, lr_tr = report.training_loss(out / "attn_only_2l")

@@ -259,3 +259,64 @@ def attribution_scatter(path, cosine_M, fraction_M, head_labels_M: Sequence[str]
     else:
         ax.text(0.5, 0.5, "no head with finite attribution", transform=ax.transAxes, ha="center", va="center")
     return st.save(fig, path, return_fig)
+
+
+@st.styled
+def composition_heatmaps(path, scores_by_mode: dict, baseline: float, title: str = "", *, return_fig: bool = False):
+    """Side-by-side heat maps, one per mode (e.g. {"K": [L, H, L, H], "V": ...}), of the composition score of every
+    writer head (rows, layer.head) into every reader head in a later layer (columns); pairs that cannot compose
+    are grey. The colour scale starts at 0 and marks the random baseline on its bar."""
+    modes = list(scores_by_mode)
+    n_layers, n_heads = np.asarray(scores_by_mode[modes[0]]).shape[:2]
+    writers = [(l, h) for l in range(n_layers - 1) for h in range(n_heads)]
+    readers = [(l, h) for l in range(1, n_layers) for h in range(n_heads)]
+    grids = [np.array([[np.asarray(scores_by_mode[m])[l1, h1, l2, h2] for l2, h2 in readers] for l1, h1 in writers])
+             for m in modes]
+    top = max([np.nanmax(g) for g in grids if np.isfinite(g).any()] + [2 * baseline, 1e-6])
+    fig, axes = st.new_figure((st.FIGSIZE[0] * 1.25, max(st.FIGSIZE[1], 1.8 + 0.22 * len(writers))))
+    fig.clf()
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    for ax, mode, grid in zip(axes, modes, grids):
+        mesh = ax.imshow(np.ma.masked_invalid(grid), cmap=st.grey_bad("viridis"), vmin=0.0, vmax=top,
+                         aspect="auto", interpolation="nearest")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                if np.isfinite(grid[i, j]) and grid.size <= 400:
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=st.FONTSIZE - 2,
+                            color="w" if grid[i, j] < 0.6 * top else "k")
+        ax.set_xticks(range(len(readers)), [st.head_label(*r) for r in readers], rotation=90)
+        ax.set_yticks(range(len(writers)), [st.head_label(*w) for w in writers])
+        ax.set_xlabel("reading head (later layer)")
+        ax.set_ylabel("writing head")
+        ax.set_title(f"{mode}-composition")
+    cb = fig.colorbar(mesh, ax=list(axes))
+    cb.ax.axhline(baseline, color="w", lw=1.5)
+    cb.ax.axhline(2 * baseline, color="w", lw=1.5, ls="--")
+    cb.set_label(f"composition score (solid: random baseline {baseline:.3f}; dashed: 2x)")
+    fig.suptitle(title or "Composition scores")
+    return st.save(fig, path, return_fig)
+
+
+@st.styled
+def partner_curves(path, tokens_S, series: dict, baseline: float, window=None, title: str = "", *,
+                   return_fig: bool = False):
+    """One line per {label: scores [S]} over training tokens (log x): e.g. each induction head's composition with
+    its strongest partner; the random baseline and twice it as horizontal lines, the phase-change window shaded."""
+    tokens_S = st.as_1d(tokens_S, "tokens_S")
+    fig, ax = st.new_figure()
+    st.shade(ax, window)
+    colors = st.run_colors(max(len(series), 1))
+    for color, (label, y) in zip(colors, series.items()):
+        y = st.as_1d(y, label)
+        st.check_rows(tokens_S, y, label)
+        tok, yy, _ = st.positive_sorted(tokens_S, y)
+        ax.plot(tok, yy, color=color, lw=1.5, label=label)
+    ax.axhline(baseline, color="0.4", lw=0.9, ls=":", label=f"random baseline ({baseline:.3f})")
+    ax.axhline(2 * baseline, color="0.4", lw=0.9, ls="--", label="2x baseline")
+    ax.set_xscale("log")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("composition score")
+    ax.set_title(title or "Composition with the strongest partner over training")
+    ax.legend(loc="upper left", framealpha=0.85)
+    return st.save(fig, path, return_fig)

@@ -299,7 +299,7 @@ def previous_token(model, params, tokens_NL, batch_size: int = 8) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------- QK trace
 
-def _folded(params: dict, cfg: ModelConfig, name: str) -> jax.Array:
+def folded(params: dict, cfg: ModelConfig, name: str) -> jax.Array:
     """W_Q/W_K/W_V of every layer [L, D, H, E] with ln1's centring and learned scale folded in (C diag(gamma) W)."""
     w_LDHE = stacked(params, "attn", name).astype(jnp.float32)
     if not cfg.layer_norm:
@@ -334,11 +334,11 @@ def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndar
     w_e_VD = params["W_E"].astype(jnp.float32)
     gram_DD = w_e_VD.T @ w_e_VD
     # The earlier heads' OV circuits, all layers stacked on a flat head axis g = (layer, head).
-    w_v_LDHE = _folded(params, model_cfg, "W_V")[:-1]
+    w_v_LDHE = folded(params, model_cfg, "W_V")[:-1]
     w_v_DGE = jnp.moveaxis(w_v_LDHE, 0, 1).reshape(w_v_LDHE.shape[1], -1, w_v_LDHE.shape[3])
     w_o_LHED = stacked(params, "attn", "W_O")[:-1].astype(jnp.float32)
     w_o_GED = w_o_LHED.reshape(-1, *w_o_LHED.shape[2:])
-    w_q_LDHE, w_k_LDHE = _folded(params, model_cfg, "W_Q"), _folded(params, model_cfg, "W_K")
+    w_q_LDHE, w_k_LDHE = folded(params, model_cfg, "W_Q"), folded(params, model_cfg, "W_K")
     for layer in range(1, n_layers):
         g = layer * n_heads  # heads of layers 0..layer-1
         w_q_DHE, w_k_DHE = w_q_LDHE[layer], w_k_LDHE[layer]

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ablation, evaluate, headplots, heads, metrics, plots
+from . import ablation, composition, evaluate, headplots, heads, metrics, plots
 from .config import UserError
 from .heads import MEASURES
 from .run import Run
-from .store import EVAL, ablation_name
+from .store import COMPOSITION, EVAL, ablation_name
 
 MIN_IMPROVEMENT = 0.1  # nats: single-snapshot noise on a 256-window eval set is ~0.05
 LO, HI = 0.2, 0.8
@@ -71,15 +71,27 @@ class RunResults:
         self.icl_window = np.array([r["icl_window"] for r in recs], float)
         self.eval_loss = np.array([r["eval_loss"] for r in recs], float)
         self.window = detect_window(self.tokens, self.icl_window)
+        self.composition, self.composition_steps, self.composition_baseline = None, np.zeros(0, int), None
         if not recs:
             return
         self.losses_SNP = run.store.read(EVAL, "per_token_loss")
         self.scores_SLHM = run.store.read(EVAL, "head_scores")
         random_index_N = run.eval_set()[1]
         self.random_SN = np.stack([evaluate.random_token_view(x, random_index_N) for x in self.losses_SNP])
+        comp = run.store.sorted_records(COMPOSITION)
+        # Composition scores [S', 3, L, H, L, H] (composition.MODES) at the snapshots that have them (S' steps).
+        self.composition_steps = np.array([c["step"] for c in comp], int)
+        self.composition = run.store.read(COMPOSITION, "scores") if comp else None
+        self.composition_baseline = float(comp[-1]["baseline"]) if comp else None
 
     def measure(self, name: str) -> np.ndarray:
         return self.scores_SLHM[..., MEASURES.index(name)]
+
+    def composition_at(self, step: int, mode: str) -> np.ndarray | None:
+        """[L, H, L, H] scores of one mode (composition.MODES) at `step`, or None where none are stored."""
+        if self.composition is None or step not in self.composition_steps:
+            return None
+        return self.composition[list(self.composition_steps).index(step), composition.MODES.index(mode)]
 
     def induction_mask(self, i: int = -1) -> np.ndarray:
         eval_cfg = self.run.config.eval
@@ -181,26 +193,64 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
         lines.append(f"| {l}.{h} | {pm[l, h]:.3f} | {ov[l, h]:+.3f} | {cp[l, h]:+.3f} | {pt[l, h]:.3f} | "
                      f"{qk[l, h]:.3g} | {'yes' if ind[l, h] else ''} |")
     lines.append("")
+    lines += composition_lines(r, fig, rel)
     for stem, caption in [("loss", "training loss"), ("heatmap", "loss over training and token index"),
                           ("dloss", "d loss / d log(token index)"), ("prefix_matching", "prefix matching per head"),
                           ("ov_copying", "OV copying per head"), ("copying", "copying (evaluator) per head"),
                           ("previous_token", "previous-token score per head"),
                           ("scatter_ov_copying", "OV copying vs prefix matching at the last snapshot"),
-                          ("scatter_copying", "copying (evaluator) vs prefix matching at the last snapshot")]:
+                          ("scatter_copying", "copying (evaluator) vs prefix matching at the last snapshot"),
+                          ("composition", "K- and V-composition at the last snapshot"),
+                          ("partners", "each induction head's strongest K-composition partner over training")]:
         if (fig / f"{name}_{stem}.png").exists():
             lines.append(f"![{name}: {caption}]({rel}/{name}_{stem}.png)")
     lines.append("")
     return lines
 
 
+def composition_lines(r: RunResults, fig: Path, rel: str) -> list[str]:
+    """The composition table of the last snapshot (every writer -> reader pair, strongest K first) and its two
+    figures; nothing for a run without composition scores (a 1-layer model)."""
+    step = int(r.steps[-1]) if len(r.steps) else None
+    scores = {m: r.composition_at(step, m) for m in composition.MODES} if step is not None else {}
+    if not scores or scores["k"] is None:
+        return []
+    base = r.composition_baseline
+    n_layers, n_heads = scores["k"].shape[:2]
+    headplots.composition_heatmaps(fig / f"{r.name}_composition", {"K": scores["k"], "V": scores["v"]}, base,
+                                   title=f"{r.name} at step {step}")
+    ind = r.induction_mask()
+    series = {}
+    for l2, h2 in zip(*np.nonzero(ind)):
+        found = composition.strongest_partner(scores["k"], int(l2), int(h2))
+        if found:
+            (l1, h1), _ = found
+            k_S = r.composition[:, composition.MODES.index("k"), l1, h1, l2, h2]
+            series[f"K: {l1}.{h1} -> {l2}.{h2}"] = k_S
+    if series:
+        tokens_S = np.array([r.tokens[list(r.steps).index(s)] for s in r.composition_steps], float)
+        headplots.partner_curves(fig / f"{r.name}_partners", tokens_S, series, base, _win(r),
+                                 title=f"{r.name}: induction heads' strongest K-composition partner")
+    pairs = [(l1, h1, l2, h2) for l2 in range(1, n_layers) for h2 in range(n_heads) for l1 in range(l2)
+             for h1 in range(n_heads)]
+    pairs.sort(key=lambda p: -scores["k"][p])
+    lines = [f"Composition scores at step {step} (Q/K/V: how much of what the writer writes the reader's queries, "
+             f"keys and values read; LayerNorm folded; random baseline {base:.3f} for every mode):", "",
+             "| writer → reader | Q | K | V |", "|---|---|---|---|"]
+    lines += [f"| {l1}.{h1} → {l2}.{h2}{' (induction)' if ind[l2, h2] else ''} | "
+              + " | ".join(f"{scores[m][l1, h1, l2, h2]:.3f}" for m in composition.MODES) + " |"
+              for l1, h1, l2, h2 in pairs]
+    return lines + [""]
+
+
 def ablation_evidence(r: RunResults, before: int | None, after: int | None, kind: str = "pattern") -> dict | None:
-    """What check 4 judges, at the last ablated snapshot: the induction heads, each head's share of the
-    ±`eval.icl_window` ICL score removed with its bootstrap standard error (on every ablation path stored), the
-    share removed by ablating the induction heads together, and each head's share of the phase change undone
-    (before-and-after attribution from step `before` to `after`)."""
+    """What check 4 judges, at the last ablated snapshot: the induction heads; on every ablation path stored, each
+    head's share of the ±`eval.icl_window` ICL score removed with its bootstrap standard error, the share removed
+    by ablating the induction heads together, and each head's share of the phase change undone (before-and-after
+    attribution from step `before` to `after`, None without both); and, where the joint lanes were run, the
+    share each head adds when ablated together with the induction heads (paired standard error)."""
     store = r.run.store
-    section = ablation_name(kind, "total")
-    recs = store.sorted_records(section)
+    recs = store.sorted_records(ablation_name(kind, "total"))
     if not recs:
         return None
     last = recs[-1]
@@ -208,31 +258,35 @@ def ablation_evidence(r: RunResults, before: int | None, after: int | None, kind
     labels = [f"{l}.{h}" for l, h in last["heads"]]
     n = len(labels)
     induction = last.get("induction") or r.induction_mask(list(r.steps).index(step)).tolist()
-    out = {"step": step, "labels": labels, "clean_icl_window": last["clean_icl_window"],
-           "induction": [lab for lab, (l, h) in zip(labels, last["heads"]) if induction[l][h]], "paths": {}}
+    out = {"step": step, "labels": labels, "clean_icl_window": last["clean_icl_window"], "before": before,
+           "after": after, "induction": [lab for lab, (l, h) in zip(labels, last["heads"]) if induction[l][h]],
+           "paths": {}, "joint": None}
     for path in ablation.PATHS:
         sec = ablation_name(kind, path)
         if step not in store.steps(sec):
             continue
         share, se = ablation.shares(store.read(sec, "delta_icl_window", step), store.read(sec, "icl_window", step))
+        att = attribution(r, before, after, step, n, kind, path)
         out["paths"][path] = {"share": share[:n], "se": se[:n], "induction_share": float(share[n]),
-                              "induction_se": float(se[n])}
-    out["undone"] = None
-    att = attribution(r, before, after, step, n, kind)
-    if att is not None:
-        out.update(undone=att["fraction_undone"], before=before, after=after)
+                              "induction_se": float(se[n]),
+                              "undone": None if att is None else att["fraction_undone"]}
+    joint = ablation_name(kind, "total", joint=True)
+    if step in store.steps(joint):
+        delta_MN = store.read(joint, "delta_icl_window", step)
+        added, se = ablation.shares(delta_MN[:n] - delta_MN[n][None], store.read(joint, "icl_window", step))
+        out["joint"] = {"added": added, "se": se}
     return out
 
 
 def attribution(r: RunResults, before: int | None, after: int | None, step: int, n: int,
-                kind: str = "pattern") -> dict | None:
-    """ablation.attribution of the first `n` lanes ablated at `step` against the training change of the
-    random-token losses from step `before` to `after`; None unless both are analysed."""
+                kind: str = "pattern", path: str = "total") -> dict | None:
+    """ablation.attribution of the first `n` lanes ablated at `step` along `path` against the training change of
+    the random-token losses from step `before` to `after`; None unless both are analysed."""
     steps = list(r.steps)
     if before not in steps or after not in steps:
         return None
     train_delta = r.random_SN[steps.index(after)] - r.random_SN[steps.index(before)]
-    return ablation.attribution(r.run.store.read(ablation_name(kind, "total"), "delta_random", step)[:n],
+    return ablation.attribution(r.run.store.read(ablation_name(kind, path), "delta_random", step)[:n],
                                 train_delta)
 
 
@@ -261,14 +315,17 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
                  f"{ev['clean_icl_window']:+.3f} nats averaged over ±{window} indices. Share of the windowed score "
                  f"removed by ablating each head (positive = the head carries ICL; ± a bootstrap standard error over "
                  f"eval windows), along each ablation path:")
-    head = "| head | Δ ICL (nats) | " + " | ".join(f"share removed, {p}" for p in paths)
-    head += " | phase change undone | Δ mean loss | induction |" if ev["undone"] is not None else \
-        " | Δ mean loss | induction |"
+    undone = [p for p in paths if ev["paths"][p]["undone"] is not None]
+    head = ("| head | Δ ICL (nats) | " + " | ".join(f"share removed, {p}" for p in paths)
+            + "".join(f" | phase change undone, {p}" for p in undone)
+            + (" | added to the induction heads' share (joint)" if ev["joint"] else "") + " | Δ mean loss | induction |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for i, lab in enumerate(labels):
         cells = [f"{ev['paths'][p]['share'][i]:+.1%} ± {ev['paths'][p]['se'][i]:.1%}" for p in paths]
-        if ev["undone"] is not None:
-            cells.append(f"{ev['undone'][i]:+.0%}")
+        cells += [f"{ev['paths'][p]['undone'][i]:+.0%}" for p in undone]
+        if ev["joint"]:
+            cells.append("" if lab in ev["induction"] else
+                         f"{ev['joint']['added'][i]:+.1%} ± {ev['joint']['se'][i]:.1%}")
         lines.append(f"| {lab} | {last['delta_icl'][i]:+.3f} | " + " | ".join(cells) +
                      f" | {last['delta_loss'][i]:+.4f} | {'yes' if lab in ev['induction'] else ''} |")
     if "induction_delta_icl" in last:
@@ -276,15 +333,18 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
                              f"({p})" for p in paths)
         lines += ["", f"**Ablating all induction heads together ({', '.join(ev['induction']) or 'none'}) removes "
                       f"{together} of the windowed ICL score.**"]
-    if ev["undone"] is not None:
-        att = attribution(r, before, after, ev["step"], len(labels), kind)
+    if undone:
         ind_m = np.array([lab in ev["induction"] for lab in labels])
-        headplots.attribution_scatter(fig / f"{r.name}_attribution", att["cosine"], att["fraction_undone"], labels,
-                                  ind_m, title=f"{r.name}: step {before} → {after}")
         lines.append("")
-        lines.append(f"Before-and-after attribution (training change from step {before} to {after}, ablations at "
-                     f"step {ev['step']}): " + ", ".join(f"{lab} cos {c:+.2f} / undoes {f:+.0%}" for lab, c, f in
-                                                         zip(labels, att["cosine"], att["fraction_undone"])) + ".")
+        for p in undone:
+            att = attribution(r, before, after, ev["step"], len(labels), kind, p)
+            if p == ("direct" if "direct" in undone else "total"):  # the path check 4 (c) judges
+                headplots.attribution_scatter(fig / f"{r.name}_attribution", att["cosine"], att["fraction_undone"],
+                                              labels, ind_m, title=f"{r.name}: step {before} → {after}, {p} path")
+            lines.append(f"Before-and-after attribution, {p} path (training change from step {before} to {after}, "
+                         f"ablations at step {ev['step']}): " + ", ".join(
+                             f"{lab} cos {c:+.2f} / undoes {f:+.0%}"
+                             for lab, c, f in zip(labels, att["cosine"], att["fraction_undone"])) + ".")
     lines.append("")
     for stem in ("ablation", "attribution"):
         if (fig / f"{r.name}_{stem}.png").exists():

@@ -17,11 +17,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import checkpoint, evalset, evaluate, heads
+from . import checkpoint, composition, evalset, evaluate, heads
 from . import config as config_lib
 from . import model as model_lib
 from .config import Config, UserError
-from .store import EVAL, Store, store_key
+from .store import COMPOSITION, EVAL, Store, store_key
 
 
 class Run:
@@ -151,6 +151,17 @@ class Run:
         return [{"step": s, "layer": layer, "head": h, "measure": m, "value": float(scores[i, layer, h, j])}
                 for i, s in enumerate(steps) for layer in range(scores.shape[1])
                 for h in range(scores.shape[2]) for j, m in enumerate(heads.MEASURES)]
+
+    def composition_scores(self) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], float]:
+        """Analysed composition scores: (steps [S], scores [S, 3, L, H, L, H], modes ("q", "k", "v"), random
+        baseline). scores[s, m, l1, h1, l2, h2] is how much head l2.h2's queries, keys or values read what head
+        l1.h1 writes (NaN unless l1 < l2); docs/method.md §1.7."""
+        recs = self.store.sorted_records(COMPOSITION)
+        if not recs:
+            raise UserError(f"{self.path}: no composition scores (a model of 2 or more layers gets them from "
+                            f"python -m induction_jax.analyze {self.path})")
+        return (np.asarray([r["step"] for r in recs]), self.store.read(COMPOSITION, "scores"), composition.MODES,
+                float(recs[-1]["baseline"]))
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, {len(self.steps)} snapshots)"

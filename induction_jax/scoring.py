@@ -1,5 +1,6 @@
 """Scores a run's committed snapshots into its results store: the eval section (per-token losses, ICL scores and
-the head measures) and the head-ablation sections (docs/method.md §3-5).
+the head measures), the composition section (Q/K/V composition scores) and the head-ablation sections
+(docs/method.md §3-5).
 
 Both skip snapshots already stored and pick up new ones of a run still training; a killed job loses at most the
 snapshot in flight. A snapshot that cannot be read is reported by path and skipped.
@@ -10,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from . import ablation, checkpoint, evaluate, heads
+from . import ablation, checkpoint, composition, evaluate, heads
 from .run import Run
-from .store import EVAL, ablation_name
+from .store import COMPOSITION, EVAL, ablation_name
 
 
 def analyze_snapshot(run: Run, step: int, params) -> None:
@@ -31,11 +32,21 @@ def analyze_snapshot(run: Run, step: int, params) -> None:
     run.store.write(EVAL, step, record, {"per_token_loss": losses_NP.astype(np.float32), "head_scores": scores_LHM})
 
 
-def _each_pending(run: Run, section: str, steps, what: str, progress: bool, score) -> None:
-    """score(step, params) for each committed snapshot (of `steps`) that `section` lacks; a snapshot that cannot
-    be read is reported and skipped."""
-    for step in tqdm(run.pending_steps(section, steps), desc=f"{what} {run.name}", unit="snapshot",
-                     disable=not progress):
+def compose_snapshot(run: Run, step: int, params) -> None:
+    """Stores the snapshot's composition scores [3, L, H, L, H] (composition.MODES) with the random baseline of
+    the model's shapes."""
+    cfg = run.config.model
+    scores = composition.composition_scores(params, cfg)
+    record = {"tokens": run.tokens_at(step), "baseline": composition.random_baseline(cfg.d_model, cfg.d_head)}
+    run.store.write(COMPOSITION, step, record, {"scores": scores})
+
+
+def _each_pending(run: Run, sections: str | list[str], steps, what: str, progress: bool, score) -> None:
+    """score(step, params) for each committed snapshot (of `steps`) that one of `sections` lacks; a snapshot that
+    cannot be read is reported and skipped."""
+    sections = [sections] if isinstance(sections, str) else sections
+    todo = sorted(set().union(*(run.pending_steps(section, steps) for section in sections)))
+    for step in tqdm(todo, desc=f"{what} {run.name}", unit="snapshot", disable=not progress):
         try:
             score(step, run.params(step))
         except checkpoint.SnapshotError as e:
@@ -43,8 +54,19 @@ def _each_pending(run: Run, section: str, steps, what: str, progress: bool, scor
 
 
 def analyze_run(run: Run, steps=None, progress: bool = True) -> None:
-    """`analyze_snapshot` on every committed snapshot (or those of `steps`) not analysed yet."""
-    _each_pending(run, EVAL, steps, "analyze", progress, lambda step, params: analyze_snapshot(run, step, params))
+    """`analyze_snapshot` and `compose_snapshot` on every committed snapshot (or those of `steps`) that lacks
+    them. The two sections keep their own indices (a run analysed before composition scores existed gets just
+    those), and a snapshot missing both is restored once."""
+    sections = [EVAL] + ([COMPOSITION] if run.config.model.n_layers > 1 else [])
+    pending = {section: set(run.pending_steps(section, steps)) for section in sections}
+
+    def score(step: int, params) -> None:
+        if step in pending[EVAL]:
+            analyze_snapshot(run, step, params)
+        if step in pending.get(COMPOSITION, ()):
+            compose_snapshot(run, step, params)
+
+    _each_pending(run, sections, steps, "analyze", progress, score)
 
 
 def induction_heads(run: Run, step: int, params) -> np.ndarray:
@@ -61,18 +83,24 @@ def induction_heads(run: Run, step: int, params) -> np.ndarray:
 
 
 def ablate_run(run: Run, steps=None, kind: str = "pattern", head_list: list[tuple[int, int]] | None = None,
-               progress: bool = True, path: str = "total") -> str:
+               progress: bool = True, path: str = "total", joint: bool = False) -> str:
     """Ablates each head (or those of `head_list`) at every committed snapshot (of `steps`) not done yet, plus one
-    lane that ablates the snapshot's induction heads together; returns the store section."""
+    lane that ablates the snapshot's induction heads together; returns the store section.
+
+    With `joint`, lane i ablates the induction heads together with head i instead (section
+    `ablation_name(kind, path, joint=True)`): what each head adds on top of the induction heads, paired with the
+    induction heads' own lane over the same eval windows."""
     cfg = run.config.model
     head_list = head_list or [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
     masks_MLH = ablation.head_masks(head_list, cfg.n_layers, cfg.n_heads)
-    section = ablation_name(kind, path)
+    section = ablation_name(kind, path, joint)
     tokens_NL, random_index_N = run.eval_set()
 
     def ablate_snapshot(step: int, params) -> None:
         induction_LH = induction_heads(run, step, params)
-        lanes = np.concatenate([masks_MLH, (1.0 - induction_LH.astype(np.float32))[None]])  # all-ones: none
+        together_LH = 1.0 - induction_LH.astype(np.float32)  # all-ones: no induction head
+        heads_MLH = masks_MLH * together_LH[None] if joint else masks_MLH
+        lanes = np.concatenate([heads_MLH, together_LH[None]])
         record, arrays = ablation.ablate_eval_set(run.model, params, tokens_NL, random_index_N, lanes,
                                                   run.config.eval, kind, path)
         record["induction_delta_icl"] = record["delta_icl"].pop()
@@ -84,5 +112,5 @@ def ablate_run(run: Run, steps=None, kind: str = "pattern", head_list: list[tupl
         record["tokens"] = run.tokens_at(step)
         run.store.write(section, step, record, arrays)
 
-    _each_pending(run, section, steps, f"ablate ({path})", progress, ablate_snapshot)
+    _each_pending(run, section, steps, f"ablate ({path}{', joint' if joint else ''})", progress, ablate_snapshot)
     return section

@@ -18,11 +18,13 @@ from . import atomic
 
 ANALYSIS_VERSION = 2
 EVAL = "eval"  # per snapshot: per-token losses, ICL scores, head measures (heads.MEASURES)
+COMPOSITION = "composition"  # per snapshot: Q/K/V composition scores of every head pair and their random baseline
 
 
-def ablation_name(kind: str = "pattern", path: str = "total") -> str:
-    """The section of one kind of head ablation (ablation.KINDS) along one path (ablation.PATHS)."""
-    return f"ablation-{kind}" if path == "total" else f"ablation-{kind}-{path}"
+def ablation_name(kind: str = "pattern", path: str = "total", joint: bool = False) -> str:
+    """The section of one kind of head ablation (ablation.KINDS) along one path (ablation.PATHS); `joint`: the
+    section whose lanes ablate the induction heads together with each head in turn."""
+    return f"ablation-{kind}" + ("" if path == "total" else f"-{path}") + ("-joint" if joint else "")
 
 
 def store_key(eval_hash: str) -> str:

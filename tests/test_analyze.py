@@ -171,13 +171,24 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     assert scoring.ablate_run(run, steps=[20, 24], progress=False) and \
         run.store.sorted_steps(ablation_name()) == [20, 24]  # done snapshots are not redone
 
+    joint = scoring.ablate_run(run, steps=[24], joint=True, progress=False)
+    assert joint == ablation_name("pattern", "total", joint=True) and run.store.sorted_steps(joint) == [24]
+
     r = report.RunResults(run)
     ev = report.ablation_evidence(r, 4, 24)
-    assert ev["step"] == 24 and set(ev["paths"]) == set(ablation.PATHS) and len(ev["undone"]) == n_heads
+    assert ev["step"] == 24 and set(ev["paths"]) == set(ablation.PATHS)
+    assert all(len(ev["paths"][p]["undone"]) == n_heads for p in ablation.PATHS)
     total, direct = ev["paths"]["total"], ev["paths"]["direct"]
     last_layer = slice((cfg.n_layers - 1) * cfg.n_heads, n_heads)  # attention-only: direct == total there
     # float32 sums in another order: shares agree to a few parts in 10^5 of the ICL score
     np.testing.assert_allclose(direct["share"][last_layer], total["share"][last_layer], atol=1e-4)
+    np.testing.assert_allclose(direct["undone"][last_layer], total["undone"][last_layer], atol=1e-4)
+    # Joint lanes: an induction head adds nothing to the induction heads; with none, a lane is its head alone.
+    induction = np.asarray(run.store.sorted_records(joint)[-1]["induction"]).ravel()
+    added = ev["joint"]["added"]
+    np.testing.assert_allclose(added[induction], 0.0, atol=1e-6)
+    if not induction.any():
+        np.testing.assert_allclose(added, total["share"], atol=1e-5)
     share, _ = ablation.shares(run.store.read("ablation-pattern", "delta_icl_window", 24),
                                run.store.read("ablation-pattern", "icl_window", 24))
     np.testing.assert_allclose(total["share"], share[:n_heads])
@@ -186,7 +197,7 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     fig.mkdir()
     lines = report.ablation_section(r, fig, "fig", before_after=(4, 24))
     table = [line for line in lines if line.startswith("| 1.")]
-    assert len(table) == cfg.n_heads and all(line.count("±") == 3 for line in table)
+    assert len(table) == cfg.n_heads and all(line.count("±") == 4 for line in table)  # 3 paths and the joint
     assert any("share removed, frozen_ln" in line for line in lines)
     assert (fig / "run_ablation.png").exists() and (fig / "run_attribution.png").exists()
 
@@ -265,3 +276,30 @@ def test_ablate_command_scores_only_what_it_needs(run_dir, tmp_path, capsys):
     scores = run.store.read(EVAL, "head_scores", 24)
     for m, value in fresh.items():
         np.testing.assert_allclose(value, scores[..., heads.MEASURES.index(m)], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ composition scores
+
+def test_analyze_stores_composition_scores_and_fills_them_in_for_an_analysed_run(run_dir, tmp_path):
+    from induction_jax import composition
+    from induction_jax.store import COMPOSITION
+    run = _analyzed(_copy(run_dir, tmp_path), steps=[20, 24])
+    steps, scores, modes, baseline = run.composition_scores()
+    cfg = run.config.model
+    assert list(steps) == [20, 24] and modes == composition.MODES
+    assert scores.shape == (2, 3, cfg.n_layers, cfg.n_heads, cfg.n_layers, cfg.n_heads)
+    np.testing.assert_array_equal(scores[1], composition.composition_scores(run.params(24), cfg))
+    assert baseline == composition.random_baseline(cfg.d_model, cfg.d_head)
+    # A store analysed before the composition section existed: only that section is computed, eval stays.
+    eval_index = (run.store.dir / f"{EVAL}.index.json").read_text()
+    (run.store.dir / f"{COMPOSITION}.index.json").unlink()
+    scoring.analyze_run(run, [20, 24], progress=False)
+    assert (run.store.dir / f"{EVAL}.index.json").read_text() == eval_index
+    assert run.store.sorted_steps(COMPOSITION) == [20, 24]
+
+    r = report.RunResults(run)
+    fig = tmp_path / "fig"
+    lines = report.composition_lines(r, fig, "fig")
+    pairs = [line for line in lines if line.startswith("| 0.")]
+    assert len(pairs) == (cfg.n_layers - 1) * cfg.n_heads * cfg.n_heads  # every writer -> reader pair
+    assert (fig / "run_composition.png").exists()

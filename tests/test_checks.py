@@ -84,9 +84,11 @@ def test_smoothing_is_per_decade_not_per_sample():
 # ------------------------------------------------------------------------------ checks on constructed results
 
 class _Results:
-    """The parts of report.RunResults the checks read: tokens, windowed ICL, per-head measures, eval config."""
+    """The parts of report.RunResults the checks read: tokens, windowed ICL, per-head measures, composition scores
+    (K-composition of `k_partner` into head 1.1 at `k_score`, every other pair at 0.05; baseline 0.09) and the
+    eval config. Layer-0 head 0.0 is the previous-token head."""
 
-    def __init__(self, tokens, icl, prefix_SLH, eval_cfg=None):
+    def __init__(self, tokens, icl, prefix_SLH, eval_cfg=None, k_partner=(0, 0), k_score=0.4, rise_at=0.4):
         from types import SimpleNamespace
 
         from induction_jax.config import EvalConfig
@@ -94,20 +96,37 @@ class _Results:
         self.steps = np.arange(len(tokens))
         self.icl_window = np.asarray(icl, float)
         self._prefix = np.asarray(prefix_SLH, float)
+        s, n_layers, n_heads = self._prefix.shape
+        self._prev = np.full_like(self._prefix, 0.05)
+        self._prev[:, 0, 0] = 0.8
+        self._ov = np.full_like(self._prefix, 0.5)
         self.run = SimpleNamespace(config=SimpleNamespace(eval=eval_cfg or EvalConfig()))
+        frac = np.linspace(0, 1, s)
+        comp = np.full((s, 3, n_layers, n_heads, n_layers, n_heads), 0.05)
+        comp[:, :, 1:] = np.nan  # only layer 0 writes into a later layer
+        comp[:, :, :, :, 0] = np.nan
+        comp[:, 1, k_partner[0], k_partner[1], 1, 1] = 0.05 + (k_score - 0.05) * np.clip((frac - rise_at) / 0.1, 0, 1)
+        self.composition, self.composition_steps, self.composition_baseline = comp, self.steps, 0.09
 
     def measure(self, name):
-        assert name == "prefix_matching"
-        return self._prefix
+        return {"prefix_matching": self._prefix, "previous_token": self._prev, "ov_copying": self._ov}[name]
+
+    def induction_mask(self, i=-1):
+        return (self._prefix[i] > 0.4) & (self._ov[i] > 0)
+
+    def composition_at(self, step, mode):
+        return self.composition[list(self.steps).index(step), "qkv".index(mode)]
 
 
-def _run(improvement=0.5, change_at=0.4, width=0.1, pm_after=0.7, n=41):
+def _run(improvement=0.5, change_at=0.4, width=0.1, pm_after=0.7, n=41, **composition):
     """A run over 20M tokens whose ICL score falls by `improvement` between change_at and change_at + width
-    (fractions of training) while max prefix matching rises from 0.05 to `pm_after`."""
+    (fractions of training) while head 1.1's prefix matching rises from 0.05 to `pm_after` (every other head
+    stays at 0.05)."""
     frac = np.linspace(0, 1, n)
     ramp = np.clip((frac - change_at) / width, 0, 1)
-    prefix = (0.05 + (pm_after - 0.05) * ramp)[:, None, None] * np.ones((1, 2, 4))
-    return _Results(frac * 2e7, 0.05 - improvement * ramp, prefix)
+    prefix = np.full((n, 2, 4), 0.05)
+    prefix[:, 1, 1] = 0.05 + (pm_after - 0.05) * ramp
+    return _Results(frac * 2e7, 0.05 - improvement * ramp, prefix, **composition)
 
 
 def _at(tokens):
@@ -115,15 +134,24 @@ def _at(tokens):
             "separation_after": 1.0}
 
 
-def _evidence(share_induction=0.95, top="1.1", undo_top="1.1", induction=("1.1",)):
-    labels = [f"{l}.{h}" for l in range(2) for h in range(4)]
+def _path(top, undo_top, labels):
     share = np.full(8, 0.05)
     share[labels.index(top)] = 1.05
     undone = np.full(8, 0.02)
     undone[labels.index(undo_top)] = 0.8
-    total = {"share": share, "se": np.full(8, 0.04), "induction_share": share_induction, "induction_se": 0.05}
+    return {"share": share, "se": np.full(8, 0.04), "induction_share": 0.95, "induction_se": 0.05, "undone": undone}
+
+
+def _evidence(share_induction=0.95, top="1.1", undo_top="1.1", induction=("1.1",), total_top="1.1",
+              total_undo_top="1.1", joint=True):
+    """Ablation evidence: `top`/`undo_top` carry the largest share and undo the most on the direct path,
+    `total_top`/`total_undo_top` on the total path."""
+    labels = [f"{l}.{h}" for l in range(2) for h in range(4)]
+    total = dict(_path(total_top, total_undo_top, labels), induction_share=share_induction)
+    joint = {"added": np.full(8, 0.03), "se": np.full(8, 0.02)} if joint else None
     return {"step": 10_000, "labels": labels, "clean_icl_window": -0.6, "induction": list(induction),
-            "paths": {"total": total}, "undone": undone, "before": 2500, "after": 4000}
+            "paths": {"total": total, "direct": _path(top, undo_top, labels)}, "before": 2500, "after": 4000,
+            "joint": joint}
 
 
 def _lines(**kw):
@@ -134,9 +162,12 @@ def _lines(**kw):
     return checks.demo_checks(two, args["one"], args["smeared"], args["ablation"], args["bump"], args["pivot"])
 
 
+def _verdicts(lines):
+    return [line[:6] for line in lines if not line.startswith("INFO")]
+
+
 def test_every_check_passes_on_a_faithful_run():
-    lines = _lines()
-    assert [line[:6] for line in lines[:4]] == ["PASS 1", "PASS 2", "PASS 3", "PASS 4"], lines
+    assert _verdicts(_lines()) == ["PASS 1", "PASS 2", "PASS 3", "PASS 4", "PASS 5"], _lines()
 
 
 @pytest.mark.parametrize("change", [
@@ -190,8 +221,9 @@ def test_check_3_fails_without_smeared_key_induction():
 @pytest.mark.parametrize("evidence", [
     _evidence(induction=()),  # (a) no induction head
     _evidence(share_induction=0.6),  # (b) they carry too little
-    _evidence(top="0.2"),  # (c) another head removes the most
-    _evidence(undo_top="0.2"),  # (c) another head undoes the most of the phase change
+    _evidence(top="0.2"),  # (c) another head writes the largest share straight to the logits
+    _evidence(undo_top="0.2"),  # (c) another head's output undoes the most of the phase change
+    dict(_evidence(), paths={"total": _evidence()["paths"]["total"]}),  # (c) no direct-path ablation
     None,
 ])
 def test_check_4_fails(evidence):
@@ -199,11 +231,43 @@ def test_check_4_fails(evidence):
     assert line.startswith("FAIL 4"), line
 
 
-def test_check_4_reports_every_head_by_path():
-    ev = _evidence()
-    ev["paths"]["direct"] = dict(ev["paths"]["total"], share=ev["paths"]["total"]["share"] * 0.5)
-    info = [line for line in _lines(ablation=ev) if line.startswith("INFO share")]
-    assert len(info) == 1 and "total / direct" in info[0] and "1.1* +105%/+52%" in info[0] and "0.0 +5%/+2%" in info[0]
+def test_check_4_c_judges_the_direct_path_not_the_total_one():
+    # A layer-0 head read through the induction head's values tops the total path: its share is the circuit's.
+    v_composer = _evidence(total_top="0.3", total_undo_top="0.3")
+    line = _lines(ablation=v_composer)[3]
+    assert line.startswith("PASS 4") and "largest share is 1.1" in line, line
+    # The same totals, but on the direct path a non-induction head writes the largest share: (c) fails.
+    line = _lines(ablation=_evidence(total_top="0.3", top="0.3"))[3]
+    assert line.startswith("FAIL 4") and "largest share is 0.3" in line, line
+
+
+def test_check_4_reports_every_head_by_path_and_joint():
+    info = [line for line in _lines(ablation=_evidence()) if line.startswith("INFO")]
+    shares = next(line for line in info if line.startswith("INFO share of the ICL score"))
+    assert "total / direct" in shares and "1.1* +105% ± 4% / +105% ± 4%" in shares and "0.0 +5% ± 4%" in shares
+    undone = next(line for line in info if line.startswith("INFO share of the phase change"))
+    assert "(total / direct paths)" in undone and "1.1 +80% / +80%" in undone
+    joint = next(line for line in info if line.startswith("INFO share each other head adds"))
+    assert "0.3 +3% ± 2%" in joint and "1.1 +" not in joint  # only the other heads
+
+
+@pytest.mark.parametrize("change", [
+    dict(k_partner=(0, 2)),  # (a) the strongest K partner is not a previous-token head
+    dict(k_score=0.15),  # (b) the previous-token head composes at under 2x the baseline (0.09)
+])
+def test_check_5_fails(change):
+    line = next(line for line in _lines(two=_run(**change)) if line.startswith(("PASS 5", "FAIL 5")))
+    assert line.startswith("FAIL 5"), line
+
+
+def test_check_5_names_the_partner_and_the_rise_inside_the_window():
+    lines = _lines()
+    five = next(line for line in lines if line.startswith("PASS 5"))
+    assert "1.1 <- 0.0: K-composition 0.400, 4.4x the baseline" in five, five
+    rise = next(line for line in lines if line.startswith("INFO K-composition over training"))
+    assert "0.0 -> 1.1 0.050 -> 0.400" in rise and "of the rise" in rise, rise
+    feeders = next(line for line in lines if line.startswith("INFO heads feeding"))
+    assert feeders.endswith("none."), feeders
 
 
 def test_constant_lr_span_skips_warm_up_and_cooldown():
