@@ -11,7 +11,7 @@ transformer_lens = pytest.importorskip(
     "transformer_lens", reason="TransformerLens is not installed (pip install -e '.[tl]' installs torch with it)")
 import torch  # noqa: E402  (TransformerLens brings torch)
 
-from induction_jax import Run, ablate, export  # noqa: E402
+from induction_jax import Run, ablate, composition, export  # noqa: E402
 from tiny_runs import VARIANTS, all_runs  # noqa: E402
 
 # HookedTransformer warns on construction that TransformerLens 4 replaces it; the extra pins 3.x.
@@ -109,3 +109,23 @@ def test_process_weights_breaks_shortformer_layernorm_models_only(runs, name, tm
         assert change > 1e-4  # beyond the tolerance the export is held to (the trained model: 16 steps from init)
     else:
         assert change < 1e-4
+
+
+@pytest.mark.parametrize("name", ["trained", *VARIANTS])
+def test_transformer_lens_composition_scores_equal_ours_after_fold_ln_and_centring(runs, name, tmp_path, monkeypatch):
+    """HookedTransformer.all_composition_scores on weights processed as our scores assume (ln1 scale and centring
+    folded into W_Q/W_K/W_V, W_O centred over d_model; TransformerLens skips both without LayerNorm). Biases and
+    positions play no part in the scores, so processing is right here even for a shortformer model, where it
+    changes the forward pass (test above). TransformerLens puts 0 where l1 >= l2, we put NaN."""
+    run, step, out, _ = exported(runs, name, tmp_path)
+    model = load(out, monkeypatch)
+    model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    with torch.no_grad():
+        theirs = np.stack([model.all_composition_scores(mode.upper()).numpy() for mode in composition.MODES])
+    ours = composition.composition_scores(run.params(step), run.config.model)
+    later = ~np.isnan(ours)
+    assert later.any() and (theirs[~later] == 0).all()
+    diff = np.abs(theirs[later] - ours[later]).max()
+    print(f"\n{name}: max |composition score diff| {diff:.1e} "
+          f"(scores {ours[later].min():.3f}..{ours[later].max():.3f})")
+    assert diff < 1e-5
