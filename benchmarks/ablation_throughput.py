@@ -30,8 +30,10 @@ def main() -> None:
 
     from timing import best_time
 
-    from induction_jax import ablation, config, crossentropy
-    from induction_jax import model as model_lib
+    from induction_jax.measures import ablation
+    from induction_jax.base import config
+    from induction_jax.model import crossentropy
+    from induction_jax.model import model as model_lib
 
     cfg = config.load(args.config, args.overrides)
     m = cfg.model

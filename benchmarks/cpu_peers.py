@@ -42,9 +42,10 @@ def ours(job: str, cfg, examples: int, batch: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from induction_jax import ablation, evaluate, sharding, step
-    from induction_jax import config as config_lib
-    from induction_jax import model as model_lib
+    from induction_jax.measures import ablation, evaluate
+    from induction_jax.training import sharding, step
+    from induction_jax.base import config as config_lib
+    from induction_jax.model import model as model_lib
 
     m = cfg.model
     rng = np.random.default_rng(0)
@@ -122,7 +123,7 @@ def peer(job: str, cfg, examples: int, batch: int):
 
 
 def _child(args) -> None:
-    from induction_jax import config as config_lib
+    from induction_jax.base import config as config_lib
     cfg = config_lib.load(args.config, args.overrides)
     if args.child == "peer":
         import torch

@@ -37,7 +37,7 @@ SHARD_BYTES = 256 << 20
 
 LOADER = """
 import json, resource, sys, time
-from induction_jax import data
+from induction_jax.data import dataset
 path, seq, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 loader = data.Loader(data.open_prepared(path), seq, batch, seed=0)
 loader.global_batch(0)
@@ -124,8 +124,8 @@ def train_rate(config: str, steps: int) -> float:
     import numpy as np
     import optax
 
-    from induction_jax import crossentropy, model
-    from induction_jax.config import load
+    from induction_jax.model import crossentropy, model
+    from induction_jax.base.config import load
 
     cfg = load(config)
     params = model.init_params(cfg.model, jax.random.key(0))
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=20, help="training steps timed")
     parser.add_argument("--workdir", default=None, help="where the corpora and stores go (deleted after)")
     args = parser.parse_args(argv)
-    from induction_jax.config import load
+    from induction_jax.base.config import load
     cfg = load(ROOT / args.config if not Path(args.config).exists() else args.config)
     work = Path(tempfile.mkdtemp(prefix="data-bench-", dir=args.workdir))
     rows, texts = [], local_texts()

@@ -32,7 +32,8 @@ def measure(config_path: str, overrides: list[str], steps: int, n_devices: int =
     import jax
     import numpy as np
 
-    from induction_jax import config, peak, sharding, step
+    from induction_jax.base import config
+    from induction_jax.training import peak, sharding, step
 
     distributed = sharding.initialize_distributed()  # INDUCTION_JAX_* env vars: one model over many processes
     cfg = config.load(config_path, overrides)
@@ -72,7 +73,7 @@ def inline(args) -> None:
 
     import jax
 
-    from induction_jax import config
+    from induction_jax.base import config
 
     print(f"device: {jax.devices()[0].device_kind}")
     print(f"{'config':28s} {'context':>7s} {'batch':>5s} {'attention':9s} {'tok/s':>10s} {'ms/step':>8s} "

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import cli, logs, report, scoring
-from .ablation import KINDS, PATHS
-from .config import UserError
-from .run import Run
+from .base import cli, logs
+from .report import markdown
+from .analysis import scoring
+from .measures.ablation import KINDS, PATHS
+from .base.config import UserError
+from .analysis.run import Run
 
 
 def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     scoring.ablate_run(run, args.steps, args.kind, head_list, progress=progress, path=args.path)
     if ends:
         scoring.analyze_run(run, ends, progress)
-    print(f"report: {report.write([run], args.out, before_after=(args.before, args.after))}")
+    print(f"report: {markdown.write([run], args.out, before_after=(args.before, args.after))}")
     return 0
 
 

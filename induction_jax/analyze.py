@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import cli, logs, report, scoring
-from .config import UserError
-from .run import Run
-from .store import EVAL
+from .base import cli, logs
+from .report import markdown
+from .analysis import scoring
+from .base.config import UserError
+from .analysis.run import Run
+from .analysis.store import EVAL
 
 
 def main(argv=None) -> int:
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     if not args.no_report:
         if not any(run.store.steps(EVAL) for run in runs):
             raise UserError(f"{', '.join(map(str, args.run_dirs))}: nothing analysed (every snapshot was skipped)")
-        print(f"report: {report.write(runs, args.out)}")
+        print(f"report: {markdown.write(runs, args.out)}")
     return 0
 
 

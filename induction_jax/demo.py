@@ -24,8 +24,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import checks, cli, config, data, heads, metrics, report, scoring
-from .run import Run
+from .report import checks, markdown
+from .base import cli, config
+from .data import dataset
+from .measures import heads
+from .training import metrics
+from .analysis import scoring
+from .analysis.run import Run
 
 RUNS = {"attn_only_2l": "configs/cpu/attn_only_2l.yaml", "attn_only_1l": "configs/cpu/attn_only_1l.yaml",
         "smeared_key_1l": "configs/cpu/smeared_key_1l.yaml"}
@@ -210,8 +215,8 @@ def main(argv=None) -> int:
     corpus = ("the Python standard library" + (" and site-packages" if cfg.data.site_packages else "")
               if embedded else ", ".join(cfg.data.sources))
     print(f"1/4 preparing the corpus ({corpus})", flush=True)
-    prepared = data.prepare(cfg, progress=progress)
-    print("    " + data.summary(prepared).replace("\n", "\n    "), flush=True)
+    prepared = dataset.prepare(cfg, progress=progress)
+    print("    " + dataset.summary(prepared).replace("\n", "\n    "), flush=True)
     if embedded:  # only the embedded corpus has a recorded digest to compare with
         print("    " + corpus_digest_note(prepared), flush=True)
 
@@ -222,7 +227,7 @@ def main(argv=None) -> int:
     runs = {name: Run.open(out / name, out / name / "analysis", progress=progress) for name in RUNS}
     for run in runs.values():
         scoring.analyze_run(run, progress=progress)
-    results = {name: report.RunResults(run) for name, run in runs.items()}
+    results = {name: markdown.RunResults(run) for name, run in runs.items()}
     two, run2 = results["attn_only_2l"], runs["attn_only_2l"]
     # Check 1's window: the ablations bracket it, and its two ends are the before/after of the attribution.
     w = checks.best_window(two)
@@ -235,13 +240,13 @@ def main(argv=None) -> int:
         scoring.ablate_run(run2, steps=picks[-1:], kind="pattern", progress=progress, path=path_name)
     scoring.ablate_run(run2, steps=picks[-1:], kind="pattern", progress=progress, joint=True)
 
-    path = report.write(list(runs.values()), out, before_after=(before, after))
-    tok_tr, loss_tr, lr_tr = report.training_loss(out / "attn_only_2l")
+    path = markdown.write(list(runs.values()), out, before_after=(before, after))
+    tok_tr, loss_tr, lr_tr = markdown.training_loss(out / "attn_only_2l")
     start, end = checks.constant_lr_span(tok_tr, lr_tr)
     bump = checks.loss_bump(tok_tr, loss_tr, start, end)
-    proj, _ = report.joint_pca(list(results.values()))
+    proj, _ = markdown.joint_pca(list(results.values()))
     pivot = checks.pca_pivot(two.tokens, proj[0], results["attn_only_1l"].tokens, proj[1])
-    evidence = report.ablation_evidence(two, before, after)
+    evidence = markdown.ablation_evidence(two, before, after)
     lines = checks.demo_checks(two, results["attn_only_1l"], results["smeared_key_1l"], evidence, bump, pivot)
     ranks = heads.copying_rank(run2.model, run2.params(int(two.steps[-1])), run2.config.eval, run2.eval.sampler(),
                                run2.eval.bos_id, np.random.default_rng(run2.config.data.eval_seed + 1))

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cli, logs
-from .config import ModelConfig, UserError
-from .model import sinusoidal_table
-from .run import Run
+from .base import cli, logs
+from .base.config import ModelConfig, UserError
+from .model.model import sinusoidal_table
+from .analysis.run import Run
 
 TL_REQUIREMENT = "transformer-lens>=3.9,<4"
 TL_POSITIONS = {"shortformer": "shortformer", "learned": "standard", "rotary": "rotary", "none": "standard"}

@@ -25,10 +25,11 @@ def tiny_overrides(root: Path) -> list[str]:
 
 def prepared_tiny(root: Path) -> tuple[Path, list[str]]:
     """(root, overrides) with configs/cpu/tiny.yaml's data already prepared, so subprocesses find it cached."""
-    from induction_jax import config, data
+    from induction_jax.base import config
+    from induction_jax.data import dataset
 
     overrides = tiny_overrides(root)
-    data.prepare(config.load("configs/cpu/tiny.yaml", overrides), progress=False)
+    dataset.prepare(config.load("configs/cpu/tiny.yaml", overrides), progress=False)
     return root, overrides
 
 
@@ -36,10 +37,11 @@ def one_line_error(cfg, *needles) -> str:
     """Prepares `cfg`, expecting a one-line ConfigError that contains every needle; returns the message."""
     import pytest
 
-    from induction_jax import config, data
+    from induction_jax.base import config
+    from induction_jax.data import dataset
 
     with pytest.raises(config.ConfigError) as e:
-        data.prepare(cfg, progress=False)
+        dataset.prepare(cfg, progress=False)
     msg = str(e.value)
     assert "\n" not in msg, msg
     for needle in needles:

@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from induction_jax import ablate, ablation, config, crossentropy, model
+from induction_jax import ablate
+from induction_jax.measures import ablation
+from induction_jax.base import config
+from induction_jax.model import crossentropy, model
 
 CFG = config.ModelConfig(n_layers=2, d_model=32, n_heads=4, context=12, vocab_size=50, init_std=0.3)
 
@@ -107,7 +110,7 @@ def test_attribution_cosine_and_fraction():
 def test_planted_circuit_ablating_the_induction_head_removes_icl():
     from planted import planted_induction_model
 
-    from induction_jax import evaluate
+    from induction_jax.measures import evaluate
 
     cfg, p = planted_induction_model(vocab=64, n_heads=3, context=128)
     p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)

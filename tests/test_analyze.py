@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from corpus import tiny_overrides
-from induction_jax import Run, ablate, ablation, cli, config, data, evalset, evaluate, heads, report, scoring, train
-from induction_jax.store import EVAL, ablation_name
+from induction_jax import Run, ablate
+from induction_jax.measures import ablation, evaluate, heads
+from induction_jax.base import cli, config
+from induction_jax.data import dataset, evalset
+from induction_jax.report import markdown
+from induction_jax.analysis import scoring
+from induction_jax.training import loop
+from induction_jax.analysis.store import EVAL, ablation_name
 
 TINY = "configs/cpu/tiny.yaml"
 
@@ -22,7 +28,7 @@ def run_dir(tmp_path_factory):
     cfg = config.load(TINY, tiny_overrides(root) + ["train.steps=24", "snapshots.every=4",
                                                     "train.probe_every=0"])
     out = root / "run"
-    train.train(cfg, out, progress=False)
+    loop.train(cfg, out, progress=False)
     return out
 
 
@@ -47,7 +53,7 @@ def test_analyze_every_snapshot_and_write_report(run_dir, tmp_path):
     tokens_NL = run.eval_set()[0]
     assert losses.shape == (6,) + (tokens_NL.shape[0], tokens_NL.shape[1] - 1)
     assert run.store.read(EVAL, "head_scores").shape == (6, 2, 4, 5)
-    path = report.write([run])
+    path = markdown.write([run])
     text = path.read_text()
     assert "ICL score" in text and "Induction heads at the last snapshot" in text
     for png in ("icl", "pca", "run_heatmap", "run_scatter_ov_copying", "run_scatter_copying", "run_prefix_matching",
@@ -150,9 +156,9 @@ def test_detect_window_ignores_an_early_transient():
     icl = np.where(np.arange(40) < 25, 0.0, -0.4)
     icl[25:28] = [-0.1, -0.2, -0.3]  # the phase change: snapshots 24-28
     icl[0] = 0.15  # an untrained model's positive score that quickly vanishes
-    w = report.detect_window(tokens, icl)
+    w = markdown.detect_window(tokens, icl)
     assert 22 <= w["start_index"] <= 25 and 26 <= w["end_index"] <= 29
-    assert report.detect_window(tokens, np.zeros(40)) is None
+    assert markdown.detect_window(tokens, np.zeros(40)) is None
 
 
 def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
@@ -174,8 +180,8 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     joint = scoring.ablate_run(run, steps=[24], joint=True, progress=False)
     assert joint == ablation_name("pattern", "total", joint=True) and run.store.sorted_steps(joint) == [24]
 
-    r = report.RunResults(run)
-    ev = report.ablation_evidence(r, 4, 24)
+    r = markdown.RunResults(run)
+    ev = markdown.ablation_evidence(r, 4, 24)
     assert ev["step"] == 24 and set(ev["paths"]) == set(ablation.PATHS)
     assert all(len(ev["paths"][p]["undone"]) == n_heads for p in ablation.PATHS)
     total, direct = ev["paths"]["total"], ev["paths"]["direct"]
@@ -195,7 +201,7 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
 
     fig = tmp_path / "fig"
     fig.mkdir()
-    lines = report.ablation_section(r, fig, "fig", before_after=(4, 24))
+    lines = markdown.ablation_section(r, fig, "fig", before_after=(4, 24))
     table = [line for line in lines if line.startswith("| 1.")]
     assert len(table) == cfg.n_heads and all(line.count("±") == 4 for line in table)  # 3 paths and the joint
     assert any("share removed, frozen_ln" in line for line in lines)
@@ -209,7 +215,7 @@ def test_open_and_analyze_use_the_stored_eval_set_not_the_data(run_dir, tmp_path
     preparing (or reading) the data."""
     rd = _copy(run_dir, tmp_path)
     cfg = config.load(rd / "config.yaml")
-    prepared = data.prepare(cfg, progress=False)
+    prepared = dataset.prepare(cfg, progress=False)
 
     def no_data(*args, **kwargs):
         raise AssertionError("data.prepare was called")
@@ -281,8 +287,8 @@ def test_ablate_command_scores_only_what_it_needs(run_dir, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ composition scores
 
 def test_analyze_stores_composition_scores_and_fills_them_in_for_an_analysed_run(run_dir, tmp_path):
-    from induction_jax import composition
-    from induction_jax.store import COMPOSITION
+    from induction_jax.measures import composition
+    from induction_jax.analysis.store import COMPOSITION
     run = _analyzed(_copy(run_dir, tmp_path), steps=[20, 24])
     steps, scores, modes, baseline = run.composition_scores()
     cfg = run.config.model
@@ -297,9 +303,9 @@ def test_analyze_stores_composition_scores_and_fills_them_in_for_an_analysed_run
     assert (run.store.dir / f"{EVAL}.index.json").read_text() == eval_index
     assert run.store.sorted_steps(COMPOSITION) == [20, 24]
 
-    r = report.RunResults(run)
+    r = markdown.RunResults(run)
     fig = tmp_path / "fig"
-    lines = report.composition_lines(r, fig, "fig")
+    lines = markdown.composition_lines(r, fig, "fig")
     pairs = [line for line in lines if line.startswith("| 0.")]
     assert len(pairs) == (cfg.n_layers - 1) * cfg.n_heads * cfg.n_heads  # every writer -> reader pair
     assert (fig / "run_composition.png").exists()

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from induction_jax import attention, config, crossentropy, model as model_lib
+from induction_jax.model import attention, crossentropy, model as model_lib
+from induction_jax.base import config
 
 B, H, T, D = 2, 4, 19, 8  # T not a multiple of the blocks below
 
@@ -82,7 +83,7 @@ def test_dot_product_falls_back_to_xla_where_cudnn_refuses(monkeypatch, caplog):
     monkeypatch.setattr(attention, "platform", lambda: "gpu")
     q, k, v, _ = _qkv(3)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    with caplog.at_level("WARNING", logger="induction_jax.attention"):
+    with caplog.at_level("WARNING", logger="induction_jax.model.attention"):
         z = jax.jit(lambda q, k, v: attention.dot_product(q / math.sqrt(D), k, v, WINDOWS[1]))(q, k, v)
     assert any("cudnn refused" in r.getMessage() for r in caplog.records)
     ref = attention.explicit(*(x.astype(jnp.float32) for x in (q, k, v)), WINDOWS[1])[0]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from induction_jax import checkpoint as ckpt
-from induction_jax.checkpoint import ResumeCheckpointer, RunDirError, SnapshotError, SnapshotReader, SnapshotWriter
-from induction_jax.config import TrainConfig
-from induction_jax.schedule import optimizer
+from induction_jax.training import checkpoint as ckpt
+from induction_jax.training.checkpoint import ResumeCheckpointer, RunDirError, SnapshotError, SnapshotReader, SnapshotWriter
+from induction_jax.base.config import TrainConfig
+from induction_jax.training.schedule import optimizer
 
 
 def _params(scale=1.0):

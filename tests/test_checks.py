@@ -4,7 +4,7 @@ check PASSing and FAILing on constructed results."""
 import numpy as np
 import pytest
 
-from induction_jax import checks
+from induction_jax.report import checks
 
 
 def _loss_curve(bump_at=None, size=0.25, noise=0.15, seed=0, steps=10_000, per_step=2048):
@@ -91,7 +91,7 @@ class _Results:
     def __init__(self, tokens, icl, prefix_SLH, eval_cfg=None, k_partner=(0, 0), k_score=0.4, rise_at=0.4):
         from types import SimpleNamespace
 
-        from induction_jax.config import EvalConfig
+        from induction_jax.base.config import EvalConfig
         self.tokens = np.asarray(tokens, float)
         self.steps = np.arange(len(tokens))
         self.icl_window = np.asarray(icl, float)

@@ -8,17 +8,20 @@ import sys
 
 import pytest
 
-from induction_jax import ablate, analyze, atomic, cli, data, demo, metrics, plan, train
-from induction_jax.config import UserError, first_line
+from induction_jax import ablate, analyze, demo
+from induction_jax.base import atomic, cli
+from induction_jax.data import dataset
+from induction_jax.training import metrics, aot, loop
+from induction_jax.base.config import UserError, first_line
 
 
 @pytest.mark.parametrize("main,argv,want", [
-    (train.main, [], ("--config", "key=value", "--no-progress")),
-    (data.main, ["prepare"], ("--config", "key=value", "--no-progress")),
+    (loop.main, [], ("--config", "key=value", "--no-progress")),
+    (dataset.main, ["prepare"], ("--config", "key=value", "--no-progress")),
     (analyze.main, [], ("RUN_DIR", "--no-progress")),
     (ablate.main, [], ("RUN_DIR", "--no-progress")),
     (demo.main, [], ("key=value", "--no-progress")),
-    (plan.main, [], ("--config", "key=value")),
+    (aot.main, [], ("--config", "key=value")),
 ])
 def test_every_command_takes_the_shared_arguments(main, argv, want, capsys):
     with pytest.raises(SystemExit) as e:
@@ -42,8 +45,8 @@ def test_a_user_error_is_one_line_and_status_2(capsys):
 def test_a_failure_that_abandons_async_work_still_exits_in_one_line():
     # A save that fails on a full disk leaves unstarted write coroutines, which Python collects at exit.
     prog = """
-from induction_jax import cli
-from induction_jax.config import UserError
+from induction_jax.base import cli
+from induction_jax.base.config import UserError
 async def write_fragment():
     pass
 abandoned = []

@@ -2,7 +2,7 @@ import glob
 
 import pytest
 
-from induction_jax import config
+from induction_jax.base import config
 
 
 def test_every_config_file_loads():

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from induction_jax import config, corpus, demo, sources
+from induction_jax.base import config
+from induction_jax.data import corpus, sources
+from induction_jax import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

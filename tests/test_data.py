@@ -16,8 +16,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpus import one_line_error
-from induction_jax import build, cli, corpus, data, sources
-from induction_jax.config import ConfigError, from_dict
+from induction_jax.data import build, corpus, dataset, sources
+from induction_jax.base import cli
+from induction_jax.base.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH = 32, 8
@@ -55,17 +56,17 @@ def corpus_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(corpus_dir, tmp_path_factory):
-    return data.prepare(make_cfg([corpus_dir], tmp_path_factory.mktemp("cache")), progress=False)
+    return dataset.prepare(make_cfg([corpus_dir], tmp_path_factory.mktemp("cache")), progress=False)
 
 
 def test_global_batch_is_a_pure_function_of_seed_and_step(prepared):
-    a = data.Loader(prepared, SEQ, BATCH, seed=3)
+    a = dataset.Loader(prepared, SEQ, BATCH, seed=3)
     run = [a.global_batch(s) for s in range(12)]
-    resumed = data.Loader(prepared, SEQ, BATCH, seed=3)  # a fresh process resuming at step 7
+    resumed = dataset.Loader(prepared, SEQ, BATCH, seed=3)  # a fresh process resuming at step 7
     for s in (7, 11, 8):
         np.testing.assert_array_equal(resumed.global_batch(s), run[s])
     assert run[0].shape == (BATCH, SEQ) and run[0].dtype == np.int32
-    other = data.Loader(prepared, SEQ, BATCH, seed=4)
+    other = dataset.Loader(prepared, SEQ, BATCH, seed=4)
     assert not np.array_equal(other.global_batch(0), run[0])
 
 
@@ -85,7 +86,7 @@ def in_memory_batch(tokens_M, seq_len, batch, seed, step):
 def test_lazy_loader_gives_the_in_memory_loaders_batches(prepared):
     tokens_M = prepared.train_tokens()
     for seed, seq_len, batch in [(0, SEQ, BATCH), (7, 24, 5)]:
-        loader = data.Loader(prepared, seq_len, batch, seed)
+        loader = dataset.Loader(prepared, seq_len, batch, seed)
         steps = 3 * loader.windows_per_epoch // batch + 2  # several epochs, batches straddling their ends
         for step in list(range(0, steps, 7)) + [steps - 1]:
             np.testing.assert_array_equal(loader.global_batch(step),
@@ -93,7 +94,7 @@ def test_lazy_loader_gives_the_in_memory_loaders_batches(prepared):
 
 
 def test_each_window_once_per_epoch_and_epochs_differ(prepared):
-    loader = data.Loader(prepared, SEQ, BATCH, seed=0)
+    loader = dataset.Loader(prepared, SEQ, BATCH, seed=0)
     w = loader.windows_per_epoch
     windows_WT = prepared.train_tokens()[: w * SEQ].reshape(w, SEQ).astype(np.int32)
     steps = -(-2 * w // BATCH)
@@ -146,13 +147,13 @@ def test_random_tokens_skip_common_rare_and_special(prepared):
 
 
 def test_eval_set_fixed_across_prepares_and_hashed(prepared, corpus_dir, tmp_path):
-    again = data.prepare(make_cfg([corpus_dir], tmp_path / "other_cache"), progress=False)
+    again = dataset.prepare(make_cfg([corpus_dir], tmp_path / "other_cache"), progress=False)
     assert again.path != prepared.path
     w1, i1 = prepared.eval_set()
     w2, i2 = again.eval_set()
     np.testing.assert_array_equal(w1, w2)
     np.testing.assert_array_equal(i1, i2)
-    assert again.eval_hash == prepared.eval_hash == data.sha256_eval(w1, i1)
+    assert again.eval_hash == prepared.eval_hash == dataset.sha256_eval(w1, i1)
     assert w1.shape == (16, SEQ) and w1.dtype == np.int32  # eval_length 64 capped at the context
     assert i1.min() >= 1 and i1.max() <= SEQ - 1
     # Windows start at arbitrary offsets of the held-out stream, not just after document ends.
@@ -165,21 +166,21 @@ def test_eval_set_fixed_across_prepares_and_hashed(prepared, corpus_dir, tmp_pat
 def test_second_prepare_is_a_no_op_and_keyed_on_content(tmp_path, monkeypatch):
     corpus_dir = write_corpus(tmp_path / "text")
     cfg = make_cfg([corpus_dir], tmp_path / "cache")
-    first = data.prepare(cfg, progress=False)
+    first = dataset.prepare(cfg, progress=False)
 
     def must_not_run(*a, **k):
         raise AssertionError("prepare rebuilt the corpus")
 
     monkeypatch.setattr(build, "build", must_not_run)
-    assert data.prepare(cfg, progress=False).path == first.path
-    assert data.open_prepared(first.path).metadata == first.metadata
+    assert dataset.prepare(cfg, progress=False).path == first.path
+    assert dataset.open_prepared(first.path).metadata == first.metadata
     # New mtimes on the same bytes (a reinstalled venv) are the same corpus.
     os.utime(corpus_dir / "doc00.txt", ns=(1, 1))
-    assert data.prepare(cfg, progress=False).path == first.path
+    assert dataset.prepare(cfg, progress=False).path == first.path
     # Changed content is a new fingerprint, so it is rebuilt.
     monkeypatch.undo()
     (corpus_dir / "doc00.txt").write_text((corpus_dir / "doc00.txt").read_text().replace("café", "cafe"))
-    assert data.prepare(cfg, progress=False).path != first.path
+    assert dataset.prepare(cfg, progress=False).path != first.path
 
 
 def test_large_files_are_hashed_by_size_and_sampled_blocks(tmp_path, monkeypatch):
@@ -214,13 +215,13 @@ def _interrupt(monkeypatch, target, name, after):
 def test_interrupted_prepare_resumes_without_redoing_finished_pieces(corpus_dir, tmp_path, monkeypatch, where):
     monkeypatch.setattr(sources, "PIECE_BYTES", 8 << 10)  # several pieces from the small corpus
     cfg = make_cfg([corpus_dir], tmp_path / "cache", workers=1)
-    whole = data.prepare(make_cfg([corpus_dir], tmp_path / "whole", workers=1), progress=False)
+    whole = dataset.prepare(make_cfg([corpus_dir], tmp_path / "whole", workers=1), progress=False)
     n_pieces = len(sources.plan(corpus.resolve(cfg.data), cfg.data))
     assert n_pieces >= 5
     # Killed while the fourth piece was being committed: its tokens written, progress.json not yet, or after.
     _interrupt(monkeypatch, build, *(("_save_state", 5) if where == "before_commit" else ("_commit", 4)))
     with pytest.raises(KeyboardInterrupt):
-        data.prepare(cfg, progress=False)
+        dataset.prepare(cfg, progress=False)
     partial = list((tmp_path / "cache").glob(".*tmp-*"))
     assert len(partial) == 1 and not (partial[0] / "metadata.json").exists()
     done = json.loads((partial[0] / "progress.json").read_text())["pieces"]
@@ -231,7 +232,7 @@ def test_interrupted_prepare_resumes_without_redoing_finished_pieces(corpus_dir,
     real = build._encode_task
     monkeypatch.setattr(build, "_encode_task", lambda task: encoded.append(task[0]) or real(task))
     monkeypatch.setattr(corpus, "train_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was trained again"))
-    resumed = data.prepare(cfg, progress=False)
+    resumed = dataset.prepare(cfg, progress=False)
     assert len(encoded) == n_pieces - done
     assert list((tmp_path / "cache").glob(".*tmp-*")) == []
     for key in ("tokens_sha256", "content_sha256", "tokens", "documents", "bytes", "files", "eval"):
@@ -245,7 +246,7 @@ def test_bad_input_leaves_no_build_directory(corpus_dir, tmp_path):
     junk.mkdir()
     (junk / "a.txt").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="no readable text"):
-        data.prepare(make_cfg([corpus_dir, junk], tmp_path / "cache"), progress=False)
+        dataset.prepare(make_cfg([corpus_dir, junk], tmp_path / "cache"), progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -273,7 +274,7 @@ def test_errors_are_one_line_and_name_the_source(corpus_dir, tmp_path):
 def test_user_tokenizer_is_used_and_checked(prepared, corpus_dir, tmp_path):
     path = tmp_path / "tokenizer.json"
     prepared.tokenizer().save(str(path))
-    used = data.prepare(make_cfg([corpus_dir], tmp_path / "c", tokenizer=str(path)), progress=False)
+    used = dataset.prepare(make_cfg([corpus_dir], tmp_path / "c", tokenizer=str(path)), progress=False)
     assert not used.metadata["tokenizer"]["trained"]
     np.testing.assert_array_equal(used.train_tokens(), prepared.train_tokens())
     wrong = make_cfg([corpus_dir], tmp_path / "c", tokenizer=str(path))
@@ -288,7 +289,7 @@ def test_jsonl_records_split_one_by_one(tmp_path):
     lines += [json.dumps({"other": "x"}), "not json"]
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    p = data.prepare(make_cfg([path], tmp_path / "cache", text_field="body"), progress=False)
+    p = dataset.prepare(make_cfg([path], tmp_path / "cache", text_field="body"), progress=False)
     assert p.metadata["files"]["skipped_records"] == 2
     splits = p.splits()
     assert len(splits["train"]) + len(splits["eval"]) == 200 and splits["eval"]
@@ -318,15 +319,15 @@ def test_site_packages_leave_out_editable_finders(tmp_path, monkeypatch):
 
 def test_loader_errors(prepared):
     with pytest.raises(ConfigError, match="fewer than one batch"):
-        data.Loader(prepared, SEQ, 10**6, seed=0)
+        dataset.Loader(prepared, SEQ, 10**6, seed=0)
     with pytest.raises(ValueError, match="not divisible"):
-        data.Loader(prepared, SEQ, BATCH, seed=0).process_batch(0, 0, 3)
+        dataset.Loader(prepared, SEQ, BATCH, seed=0).process_batch(0, 0, 3)
     with pytest.raises(ConfigError, match="not a prepared data directory"):
-        data.open_prepared(Path(prepared.path).parent)
+        dataset.open_prepared(Path(prepared.path).parent)
 
 
 def test_device_batch_single_process(prepared):
-    loader = data.Loader(prepared, SEQ, 16, seed=2)
+    loader = dataset.Loader(prepared, SEQ, 16, seed=2)
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     for spec in (P(("data", "fsdp")), P("data"), P(None, "fsdp")):
         arr = loader.device_batch(5, NamedSharding(mesh, spec))
@@ -342,7 +343,7 @@ def test_cli_prepare(corpus_dir, tmp_path, capsys):
 
     def exit_code(argv) -> int:
         with pytest.raises(SystemExit) as e:
-            cli.run(data.main, argv)
+            cli.run(dataset.main, argv)
         return e.value.code
 
     assert exit_code(args) == 0
@@ -358,7 +359,7 @@ WORKER = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     pid, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
-    from induction_jax import data
+    from induction_jax.data import dataset
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     loader = data.Loader(data.open_prepared(path), 32, 16, seed=7)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -390,7 +391,7 @@ def test_two_processes_read_the_global_batch(prepared, tmp_path):
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out
     parts = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
-    reference = data.Loader(prepared, SEQ, 16, seed=7)
+    reference = dataset.Loader(prepared, SEQ, 16, seed=7)
     for step in (0, 9, 150):
         want = reference.global_batch(step)
         got = np.full_like(want, -1)

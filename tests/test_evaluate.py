@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from planted import planted_induction_model, random_model
 
-from induction_jax import evaluate, heads, model, probe
-from induction_jax.config import EvalConfig, ModelConfig
+from induction_jax.measures import evaluate, heads
+from induction_jax.model import model
+from induction_jax.training import probe
+from induction_jax.base.config import EvalConfig, ModelConfig
 
 TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=0, positions="shortformer", pos_table="learned",
                    context=16, vocab_size=50, layer_norm=True, smeared_key=False)

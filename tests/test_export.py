@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from induction_jax import Run, cli, export
+from induction_jax import Run, export
+from induction_jax.base import cli
 from tiny_runs import VARIANTS, all_runs
 
 

@@ -11,7 +11,8 @@ transformer_lens = pytest.importorskip(
     "transformer_lens", reason="TransformerLens is not installed (pip install -e '.[tl]' installs torch with it)")
 import torch  # noqa: E402  (TransformerLens brings torch)
 
-from induction_jax import Run, ablate, composition, export  # noqa: E402
+from induction_jax import Run, ablate, export  # noqa: E402
+from induction_jax.measures import composition
 from tiny_runs import VARIANTS, all_runs  # noqa: E402
 
 # HookedTransformer warns on construction that TransformerLens 4 replaces it; the extra pins 3.x.

@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 
 from corpus import make_corpus, prepared_tiny
-from induction_jax import Run, analyze, checkpoint, cli, config, data, train
+from induction_jax import Run, analyze
+from induction_jax.training import checkpoint, loop
+from induction_jax.base import cli, config
+from induction_jax.data import dataset
 
 TINY = "configs/cpu/tiny.yaml"
 QUIET = ["train.probe_every=0"]
@@ -45,7 +48,7 @@ def trained(base, tmp_path_factory):
     """A finished 4-step run with snapshots 2 and 4, copied by tests that change it."""
     _, ov = base
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    train.train(config.load(TINY, ov + QUIET + ["train.steps=4", "snapshots.every=2", "train.resume_every=2"]),
+    loop.train(config.load(TINY, ov + QUIET + ["train.steps=4", "snapshots.every=2", "train.resume_every=2"]),
                 run_dir, progress=False)
     return run_dir
 
@@ -88,7 +91,7 @@ def _state_steps(run_dir):
 
 
 def _restore_state(run_dir, cfg, step):
-    trainer = train.step_lib.build(cfg, train.sharding.make_mesh(cfg.mesh))
+    trainer = loop.step_lib.build(cfg, loop.sharding.make_mesh(cfg.mesh))
     with checkpoint.ResumeCheckpointer(run_dir / "state") as ck:
         return ck.restore(step, trainer.abstract_state)
 
@@ -101,8 +104,8 @@ def test_nan_is_never_saved_and_the_message_names_what_is(base, tmp_path):
     cfg = config.load(TINY, ov + QUIET + ["train.steps=50", "train.lr=1e6", "snapshots.steps=[1,2,3]",
                                           "train.resume_every=1"])
     run_dir = tmp_path / "nan"
-    with pytest.raises(train.DivergedError) as err:
-        train.train(cfg, run_dir, progress=False)
+    with pytest.raises(loop.DivergedError) as err:
+        loop.train(cfg, run_dir, progress=False)
     reader = checkpoint.SnapshotReader(run_dir)
     snaps, states = reader.steps(), _state_steps(run_dir)
     assert snaps and states
@@ -127,8 +130,8 @@ def test_a_nan_resume_state_is_refused(trained, base, tmp_path):
         assert ck.save(5, state, extra, force=True)
         ck.wait()
     longer = config.load(TINY, ov + QUIET + ["train.steps=6", "snapshots.every=2", "train.resume_every=2"])
-    with pytest.raises(train.DivergedError, match="state/5: the resume state holds NaN"):
-        train.train(longer, run_dir, override_config=True, progress=False)
+    with pytest.raises(loop.DivergedError, match="state/5: the resume state holds NaN"):
+        loop.train(longer, run_dir, override_config=True, progress=False)
 
 
 def test_failed_override_leaves_config_yaml_untouched(trained, base, tmp_path):
@@ -140,16 +143,16 @@ def test_failed_override_leaves_config_yaml_untouched(trained, base, tmp_path):
     wider = config.load(TINY, ov + QUIET + ["train.steps=4", "snapshots.every=2", "train.resume_every=2",
                                             "model.d_model=64"])
     with pytest.raises(config.UserError, match="config.yaml is unchanged") as err:
-        train.train(wider, run_dir, override_config=True, progress=False)
+        loop.train(wider, run_dir, override_config=True, progress=False)
     assert "state/4" in str(err.value) and "\n" not in str(err.value)
     assert (run_dir / "config.yaml").read_bytes() == before
     # Without resume state, the snapshots still pin the model's shapes.
     shutil.rmtree(run_dir / "state")
     with pytest.raises(config.UserError, match="other parameter shapes"):
-        train.train(wider, run_dir, override_config=True, progress=False)
+        loop.train(wider, run_dir, override_config=True, progress=False)
     assert (run_dir / "config.yaml").read_bytes() == before
     # ...and the original command still runs.
-    assert train.train(original, run_dir, progress=False)["step"] == 4
+    assert loop.train(original, run_dir, progress=False)["step"] == 4
 
 
 def test_a_second_trainer_is_refused_naming_the_first(base, tmp_path):
@@ -207,7 +210,7 @@ def test_read_only_run_directory(trained, tmp_path):
 def test_analyze_with_nothing_committed_or_a_missing_step(trained, base, tmp_path, capsys):
     _, ov = base
     empty = tmp_path / "empty"
-    train.check_run_dir(empty, config.load(TINY, ov), override=False)  # a trainer before its first snapshot
+    loop.check_run_dir(empty, config.load(TINY, ov), override=False)  # a trainer before its first snapshot
     for argv in ([str(empty)], [str(empty), "--no-report"], [str(trained), "--steps", "999"]):
         with pytest.raises(SystemExit) as e:
             cli.run(analyze.main, argv + ["--no-progress"])
@@ -256,7 +259,7 @@ def test_disk_full_is_one_line_naming_the_last_good_checkpoint(base, tmp_path, m
     monkeypatch.setattr(checkpoint.SnapshotWriter, "save", save)
     run_dir = tmp_path / "run"
     with pytest.raises(config.UserError) as err:
-        train.train(config.load(TINY, ov + extra), run_dir, progress=False)
+        loop.train(config.load(TINY, ov + extra), run_dir, progress=False)
     assert "the disk is full" in str(err.value) and "last good snapshot is step 4;" in str(err.value)
 
 
@@ -269,7 +272,7 @@ def test_torn_metrics_line_does_not_block_resume(trained, tmp_path, capsys):
     # The report plots the training loss without the torn line (a trainer may be writing it right now).
     assert analyze.main([str(run_dir), "--steps", "4", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert (tmp_path / "out" / "report.md").exists()
-    train.train(config.load(run_dir / "config.yaml"), run_dir, progress=False)
+    loop.train(config.load(run_dir / "config.yaml"), run_dir, progress=False)
     assert [json.loads(ln) for ln in metrics.read_text().splitlines()] == [json.loads(ln) for ln in
                                                                            text.splitlines()]
 
@@ -322,7 +325,7 @@ def test_unreadable_snapshot_is_one_line(trained, tmp_path):
     script = """if True:
         import sys
         from induction_jax import Run
-        from induction_jax.checkpoint import SnapshotError
+        from induction_jax.training.checkpoint import SnapshotError
         run = Run.open(sys.argv[1])
         for _ in range(5):  # the noise depends on thread timing: several reads make it show up
             for step in run.steps:
@@ -348,10 +351,10 @@ def test_skipped_records_are_reported(base, tmp_path, capfd):
     cfg = config.load(TINY, ov + [f"data.sources=[{tmp_path / 'docs.jsonl'}]",
                                   f"data.cache_dir={tmp_path / 'cache'}"])
     capfd.readouterr()
-    prepared = data.prepare(cfg, progress=False)
+    prepared = dataset.prepare(cfg, progress=False)
     err = capfd.readouterr().err
     assert "skipped 3 record(s) without a string 'text' field" in err and "docs.jsonl: 3" in err, err
-    assert "3 records without a string text field" in data.summary(prepared)
+    assert "3 records without a string text field" in dataset.summary(prepared)
 
 
 def test_failed_data_preparation_leaves_no_config(base, tmp_path):
@@ -361,10 +364,10 @@ def test_failed_data_preparation_leaves_no_config(base, tmp_path):
     (binary / "blob.bin").write_bytes(b"\0\1\2" * 100)
     run_dir = tmp_path / "run"
     with pytest.raises(config.ConfigError, match="no readable text"):
-        train.train(config.load(TINY, ov + QUIET + [f"data.sources=[{binary}]"]), run_dir, progress=False)
+        loop.train(config.load(TINY, ov + QUIET + [f"data.sources=[{binary}]"]), run_dir, progress=False)
     assert not (run_dir / "config.yaml").exists()
     # The corrected command needs no --override-config.
-    assert train.train(config.load(TINY, ov + QUIET + ["train.steps=2"]), run_dir, progress=False)["step"] == 2
+    assert loop.train(config.load(TINY, ov + QUIET + ["train.steps=2"]), run_dir, progress=False)["step"] == 2
 
 
 def test_killed_prepare_is_resumed_and_leaves_no_build_directory(base, tmp_path):
@@ -384,9 +387,9 @@ def test_killed_prepare_is_resumed_and_leaves_no_build_directory(base, tmp_path)
     try:
         busy = cache / f".{uuid.uuid4().hex[:20]}.tmp-{socket.gethostname()}-{live.pid}-abc123"
         busy.mkdir()
-        resumed = data.prepare(config.load(TINY, ov), progress=False)
+        resumed = dataset.prepare(config.load(TINY, ov), progress=False)
         assert [d.name for d in cache.glob(".*tmp-*")] == [busy.name]
-        whole = data.prepare(config.load(TINY, base_ov), progress=False)  # prepared uninterrupted by the fixture
+        whole = dataset.prepare(config.load(TINY, base_ov), progress=False)  # prepared uninterrupted by the fixture
         assert resumed.path != whole.path and resumed.metadata["tokens_sha256"] == whole.metadata["tokens_sha256"]
     finally:
         live.kill()

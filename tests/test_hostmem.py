@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from induction_jax import hostmem
+from induction_jax.training import hostmem
 
 # A jitted function whose output is 64 MiB: above glibc's largest mmap threshold, so by default every call maps it
 # afresh and faults in each of its 16,384 pages. Kept, the heap grows to its high-water mark in the first calls

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from induction_jax import config, model
+from induction_jax.base import config
+from induction_jax.model import model
 
 BASE = config.ModelConfig(n_layers=2, d_model=32, n_heads=4, context=16, vocab_size=64)
 

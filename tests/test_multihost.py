@@ -19,8 +19,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from corpus import tiny_overrides
-from induction_jax import checkpoint, config, data, sharding
-from induction_jax.config import UserError
+from induction_jax.training import checkpoint, sharding
+from induction_jax.base import config
+from induction_jax.data import dataset
+from induction_jax.base.config import UserError
 
 TINY = "configs/cpu/tiny.yaml"
 RUN = ["train.steps=6", "train.resume_every=3", "snapshots.every=2", "train.probe_every=3"]
@@ -97,7 +99,7 @@ def runs(tmp_path_factory):
     """(one-process run dir, two-process run dir, overrides), both trained for 6 steps."""
     root = tmp_path_factory.mktemp("multihost")
     ov = tiny_overrides(root)
-    data.prepare(config.load(TINY, ov), progress=False)
+    dataset.prepare(config.load(TINY, ov), progress=False)
     one, two = root / "one", root / "two"
     # The one-process run goes first: it also leaves the CPU peak-FLOP/s probe cached for the two processes.
     [r] = _run_together([(_train_cmd(one, ov), _env(8))])
@@ -166,7 +168,8 @@ def test_one_process_resumes_the_two_process_run(runs, tmp_path):
 
 BARRIER_SCRIPT = textwrap.dedent("""
     import sys, time
-    from induction_jax import cli, sharding
+    from induction_jax.base import cli
+    from induction_jax.training import sharding
 
     def main(argv):
         sharding.initialize_distributed(timeout_s=60)
@@ -209,7 +212,8 @@ WRITERS_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from induction_jax import checkpoint, cli, sharding
+    from induction_jax.training import checkpoint, sharding
+    from induction_jax.base import cli
 
     def main(argv):
         sharding.initialize_distributed(timeout_s=60)

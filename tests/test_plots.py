@@ -5,7 +5,7 @@ import matplotlib.text
 import numpy as np
 import pytest
 
-from induction_jax import headplots, plots, plotstyle
+from induction_jax.report import headplots, plots, plotstyle
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -11,8 +11,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from induction_jax import config, plan, sharding
-from induction_jax.config import UserError
+from induction_jax.base import config
+from induction_jax.training import aot, sharding
+from induction_jax.base.config import UserError
 
 FULL = [f"configs/full_{n}l.yaml" for n in (4, 6, 10, 16, 24, 40)]
 ENV_CPU = {"JAX_PLATFORMS": "cpu"}
@@ -34,7 +35,7 @@ def test_growing_the_fsdp_axis_shrinks_per_device_memory():
     out = {}
     for data, fsdp in ((8, 1), (1, 8)):
         cfg = config.load("configs/full_6l.yaml", small + [f"mesh.data={data}", f"mesh.fsdp={fsdp}", "mesh.tensor=1"])
-        out[fsdp] = plan.plan(cfg, jax.devices()[:8], plan.CHIPS["v5e"], mfu=0.4, forward=False)["train"]
+        out[fsdp] = aot.plan(cfg, jax.devices()[:8], aot.CHIPS["v5e"], mfu=0.4, forward=False)["train"]
     assert out[8].arguments * 7 < out[1].arguments  # the train state is split 8 ways
     assert out[8].temporaries < out[1].temporaries, (
         f"temporaries grew with the fsdp axis: {out[1].temporaries / 2**20:.0f} MiB at fsdp=1, "
@@ -51,7 +52,7 @@ PATTERN_MIB = 4 * 2 * 12 * 1024 ** 2 / 2**20
 
 def _planned_temps_mib(devices, overrides) -> float:
     cfg = config.load("configs/full_6l.yaml", SHRINK + overrides)
-    return plan.plan(cfg, devices, plan.CHIPS["v5e"], mfu=0.4, forward=False)["train"].temporaries / 2**20
+    return aot.plan(cfg, devices, aot.CHIPS["v5e"], mfu=0.4, forward=False)["train"].temporaries / 2**20
 
 
 def test_fused_attention_shrinks_the_planned_step_and_the_cpu_compiler_undoes_remat():
@@ -63,12 +64,12 @@ def test_fused_attention_shrinks_the_planned_step_and_the_cpu_compiler_undoes_re
     block = _planned_temps_mib(devices, ["model.attention=fused", "model.remat=block"])
     assert abs(block - fused) < 0.1 * fused, (block, fused)
     r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward", "model.remat=block")
-    assert r.returncode == 0 and plan.CPU_UNDOES_REMAT in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and aot.CPU_UNDOES_REMAT in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')")
 def test_remat_shrinks_the_step_libtpu_compiles():
-    devices, _ = plan.tpu_devices("v5e:2x4")
+    devices, _ = aot.tpu_devices("v5e:2x4")
     none = _planned_temps_mib(devices, ["model.remat=none"])
     block = _planned_temps_mib(devices, ["model.remat=block"])
     dots = _planned_temps_mib(devices, ["model.remat=dots"])
@@ -84,12 +85,12 @@ def test_plan_cli_on_fake_cpu_devices():
                    "FLOPs per step", "analytic", "compiled cost analysis", "step time at 40% MFU", "snapshots x"):
         assert needle in out, needle
     row = out.strip().splitlines()[-1]
-    assert row.startswith("| tiny | 4 x CPU | 1x4x1 | 8 |") and row.count("|") == plan.MARKDOWN_HEADER.splitlines()[0].count("|")
+    assert row.startswith("| tiny | 4 x CPU | 1x4x1 | 8 |") and row.count("|") == aot.MARKDOWN_HEADER.splitlines()[0].count("|")
 
 
 def test_plan_reruns_itself_when_jax_has_another_device_count(capfd):
     # This process already has 8 CPU devices, fixed when jax started: plan must start a fresh interpreter.
-    code = plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward"])
+    code = aot.main(["--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward"])
     assert code == 0
     assert "2 x cpu" in capfd.readouterr().out
 
@@ -112,10 +113,10 @@ def test_out_of_memory_is_a_verdict_not_a_crash():
             raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                                "temporaries (92.48G) exceeds available HBM (15.75G).\nmore detail")
 
-    with pytest.raises(plan.DoesNotFit) as e:
-        plan.compile_or_oom(Lowered())
-    assert "\n" not in str(e.value) and plan._needed_gib(str(e.value)) == pytest.approx(92.48)
-    assert plan._needed_gib("E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in memory "
+    with pytest.raises(aot.DoesNotFit) as e:
+        aot.compile_or_oom(Lowered())
+    assert "\n" not in str(e.value) and aot._needed_gib(str(e.value)) == pytest.approx(92.48)
+    assert aot._needed_gib("E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in memory "
                             "space hbm. Used 16.82G of 15.75G hbm.") == pytest.approx(16.82)
 
 
@@ -126,7 +127,7 @@ def test_kernel_vmem_overflow_is_a_one_line_error():
                                "33.00M and limit 16.00M exceeded scoped vmem limit\nmore detail")
 
     with pytest.raises(UserError, match="VMEM.*model.attention_block") as e:
-        plan.compile_or_oom(Lowered())
+        aot.compile_or_oom(Lowered())
     assert "\n" not in str(e.value)
 
 
@@ -135,7 +136,7 @@ def test_plan_mistakes_are_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "v9:2x2" in r.stderr
     with pytest.raises(UserError, match="train.batch_size"):
-        plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "8", "train.batch_size=4"])
+        aot.main(["--config", "configs/cpu/tiny.yaml", "--devices", "8", "train.batch_size=4"])
 
 
 def _recommended(path: str) -> tuple[str, int]:
@@ -144,7 +145,7 @@ def _recommended(path: str) -> tuple[str, int]:
     assert m, f"{path}: no 'Recommended slice: NAME (topology CHIP:SHAPE, N chips of M GiB' comment"
     chips = math.prod(int(d) for d in m.group(3).split("x"))
     assert chips == int(m.group(4)), f"{path}: topology {m.group(2)}:{m.group(3)} is not {m.group(4)} chips"
-    assert plan.CHIPS[m.group(2)].hbm_gib == int(m.group(5))
+    assert aot.CHIPS[m.group(2)].hbm_gib == int(m.group(5))
     return f"{m.group(2)}:{m.group(3)}", chips
 
 
@@ -156,14 +157,14 @@ def test_full_configs_mesh_fits_their_recommended_slice(path):
     assert cfg.train.batch_size % (data * fsdp) == 0 and cfg.model.n_heads % tensor == 0
     # docs/scale.md carries the plan row of exactly this config on exactly this slice
     name = Path(path).stem
-    width = plan.MARKDOWN_HEADER.splitlines()[0].count("|")
+    width = aot.MARKDOWN_HEADER.splitlines()[0].count("|")
     rows = [ln for ln in Path("docs/scale.md").read_text().splitlines()
             if ln.startswith(f"| {name} | {topology} |") and ln.count("|") == width]
     assert len(rows) == 1, f"docs/scale.md: expected one plan row for {name} on {topology}"
     cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert cells[2] == f"{data}x{fsdp}x{tensor}" and cells[8] == "yes"
     # ... whose peak keeps the 10% margin every recommendation keeps
-    assert float(cells[6]) < 0.9 * plan.CHIPS[topology.split(":")[0]].hbm_gib
+    assert float(cells[6]) < 0.9 * aot.CHIPS[topology.split(":")[0]].hbm_gib
 
 
 def _bash(*args):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from induction_jax.config import SnapshotsConfig, TrainConfig
-from induction_jax.schedule import learning_rate, optimizer, snapshot_steps, weight_decay
+from induction_jax.base.config import SnapshotsConfig, TrainConfig
+from induction_jax.training.schedule import learning_rate, optimizer, snapshot_steps, weight_decay
 
 
 def test_every_until_and_final_step():

@@ -12,9 +12,12 @@ import pytest
 import tensorstore as ts
 
 from corpus import make_corpus, one_line_error
-from induction_jax import config, corpus, data, scoring, sources, store, train
-from induction_jax.run import Run
-from induction_jax.config import ConfigError
+from induction_jax.base import config
+from induction_jax.data import corpus, dataset, sources
+from induction_jax.analysis import scoring, store
+from induction_jax.training import loop
+from induction_jax.analysis.run import Run
+from induction_jax.base.config import ConfigError
 
 TINY = "configs/cpu/tiny.yaml"
 PYARROW = "pyarrow (the `data` extra: pip install 'induction_jax[data]') reads parquet and arrow sources"
@@ -64,7 +67,7 @@ def check_end_to_end(tmp_path, source, *extra):
     """Trains 4 steps with a snapshot at 4 and analyzes it: finite, plausible per-token losses."""
     cfg = tiny(tmp_path, source, *extra, "train.steps=4", "snapshots.every=4", "train.probe_every=0")
     out = tmp_path / "run"
-    assert train.train(cfg, out, progress=False)["step"] == 4
+    assert loop.train(cfg, out, progress=False)["step"] == 4
     run = Run.open(out)
     scoring.analyze_run(run, progress=False)
     assert run.store.sorted_steps(store.EVAL) == [4]
@@ -80,7 +83,7 @@ def test_parquet_end_to_end(docs, tmp_path):
     path = tmp_path / "corpus.parquet"
     pq.write_table(table, path, row_group_size=40)  # several row groups, so several pieces below
     cfg = tiny(tmp_path, path, "data.text_field=body")
-    prepared = data.prepare(cfg, progress=False)
+    prepared = dataset.prepare(cfg, progress=False)
     splits = prepared.splits()
     assert sorted(splits["train"] + splits["eval"]) == sorted(f"{path}#{i}" for i in range(len(texts)))
     by_name = {f"{path}#{i}": t for i, t in enumerate(texts)}
@@ -97,7 +100,7 @@ def test_hf_datasets_directory_end_to_end(docs, tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:-20]}),
                           "validation": datasets.Dataset.from_dict({"text": texts[-20:]})}).save_to_disk(str(path))
     cfg = tiny(tmp_path, path)
-    prepared = data.prepare(cfg, progress=False)
+    prepared = dataset.prepare(cfg, progress=False)
     read = documents(prepared, "train") + documents(prepared, "eval")
     assert sorted(read) == sorted(texts)  # every split's rows, each once
     assert prepared.metadata["files"]["read"] == 2
@@ -110,7 +113,7 @@ def test_arrow_file_without_the_text_column_is_refused(docs, tmp_path):
     with pa.ipc.new_file(str(path), pa.schema([("content", pa.string())])) as w:
         w.write_table(pa.table({"content": docs[1][:5]}))
     with pytest.raises(ConfigError) as e:
-        data.prepare(tiny(tmp_path, path), progress=False)
+        dataset.prepare(tiny(tmp_path, path), progress=False)
     assert "\n" not in str(e.value) and str(path) in str(e.value) and "'text'" in str(e.value)
     assert "content" in str(e.value)
 
@@ -121,12 +124,12 @@ def test_parquet_without_the_text_column_is_refused(docs, tmp_path):
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"content": docs[1][:5]}), path)
     with pytest.raises(ConfigError) as e:
-        data.prepare(tiny(tmp_path, path), progress=False)
+        dataset.prepare(tiny(tmp_path, path), progress=False)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "'text'" in msg and "content" in msg, msg
     pq.write_table(pa.table({"text": list(range(5))}), path)
     with pytest.raises(ConfigError, match="not text"):
-        data.prepare(tiny(tmp_path, path), progress=False)
+        dataset.prepare(tiny(tmp_path, path), progress=False)
     assert not list((tmp_path / "cache").glob(".*tmp-*")), "a refused build leaves its directory"
 
 
@@ -153,7 +156,7 @@ def test_pretokenized_end_to_end(kind, docs, tokenizer, tmp_path):
                  "metadata": {"dtype": "<u2", "shape": [stream.size], "chunks": [4096]}}
                 ).result().write(stream.astype(np.uint16)).result()
     cfg = tiny(tmp_path, path, f"data.tokenizer={tok_path}")
-    prepared = data.prepare(cfg, progress=False)
+    prepared = dataset.prepare(cfg, progress=False)
     assert prepared.metadata["pretokenized"] and not prepared.metadata["tokenizer"]["trained"]
     # No re-tokenization: the stored streams are the given ids, each document routed whole to its split.
     got = sorted(documents(prepared, "train") + documents(prepared, "eval"))
@@ -171,11 +174,11 @@ def test_pieces_do_not_change_what_is_prepared(docs, tokenizer, tmp_path, monkey
     binf = tmp_path / "tokens.bin"
     token_stream(tok, texts).astype("<u2").tofile(binf)
     for source, extra in [(jsonl, []), (binf, [f"data.tokenizer={tok_path}"])]:
-        whole = data.prepare(tiny(tmp_path / "a", source, *extra), progress=False)
+        whole = dataset.prepare(tiny(tmp_path / "a", source, *extra), progress=False)
         monkeypatch.setattr(sources, "PIECE_BYTES", 64 << 10)
         assert len(sources.plan(corpus.resolve(tiny(tmp_path, source, *extra).data),
                                 tiny(tmp_path, source, *extra).data, eod_id=tok.token_to_id(corpus.EOD))) > 8
-        pieces = data.prepare(tiny(tmp_path / "b", source, *extra, "data.workers=2"), progress=False)
+        pieces = dataset.prepare(tiny(tmp_path / "b", source, *extra, "data.workers=2"), progress=False)
         monkeypatch.undo()
         assert pieces.path != whole.path
         for key in ("tokens_sha256", "content_sha256", "tokens", "documents", "eval"):
@@ -186,7 +189,7 @@ def test_pieces_do_not_change_what_is_prepared(docs, tokenizer, tmp_path, monkey
 def test_tokenizer_trains_on_a_bounded_sample(tmp_path, monkeypatch):
     root = make_corpus(tmp_path)
     monkeypatch.setattr(sources, "PIECE_BYTES", 32 << 10)
-    p = data.prepare(tiny(tmp_path, root, "data.tokenizer_sample_bytes=200000"), progress=False)
+    p = dataset.prepare(tiny(tmp_path, root, "data.tokenizer_sample_bytes=200000"), progress=False)
     k = p.metadata["tokenizer"]
     assert k["trained"] and 0 < k["sample_bytes"] <= 200_000 < p.metadata["bytes"]["train"]
     assert k["vocab"] == 512
@@ -224,6 +227,6 @@ def test_corpus_too_small_for_one_batch_is_one_line_error(docs, tokenizer, tmp_p
     token_stream(tok, docs[1][:40]).astype("<u2").tofile(small)
     cfg = tiny(tmp_path, small, f"data.tokenizer={tok_path}", "train.batch_size=65536")  # 2M tokens a step
     with pytest.raises(ConfigError) as e:
-        train.train(cfg, tmp_path / "run", progress=False)
+        loop.train(cfg, tmp_path / "run", progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "too small for one batch" in msg and str(small) in msg, msg

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from induction_jax.store import Store, store_key
+from induction_jax.analysis.store import Store, store_key
 
 
 def test_write_read_in_step_order_and_rewrite(tmp_path):

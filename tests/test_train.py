@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from corpus import prepared_tiny
-from induction_jax import checkpoint, config, train
+from induction_jax.training import checkpoint, loop
+from induction_jax.base import config
 
 TINY = "configs/cpu/tiny.yaml"
 
@@ -121,8 +122,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_snapshot(base, tmp_path):
     cfg = config.load(TINY, ov + ["train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0",
                                   "train.steps=40", "snapshots.every=1", "train.probe_every=0"])
     run_dir = tmp_path / "nan"
-    with pytest.raises(train.DivergedError, match="loss became"):
-        train.train(cfg, run_dir, progress=False)
+    with pytest.raises(loop.DivergedError, match="loss became"):
+        loop.train(cfg, run_dir, progress=False)
     reader = checkpoint.SnapshotReader(run_dir)
     assert reader.steps(), "no snapshot was kept"
     last = jax.tree.leaves(reader.restore(reader.steps()[-1]))
@@ -132,12 +133,12 @@ def test_nan_stops_the_run_and_keeps_the_last_good_snapshot(base, tmp_path):
 def test_run_dir_with_another_config_is_refused(base, tmp_path):
     root, ov = base
     run_dir = tmp_path / "mismatch"
-    train.check_run_dir(run_dir, config.load(TINY, ov), override=False)
+    loop.check_run_dir(run_dir, config.load(TINY, ov), override=False)
     other = config.load(TINY, ov + ["train.lr=0.123"])
     with pytest.raises(config.ConfigError) as e:
-        train.check_run_dir(run_dir, other, override=False)
+        loop.check_run_dir(run_dir, other, override=False)
     assert "train.lr" in str(e.value) and "\n" not in str(e.value)
-    train.check_run_dir(run_dir, other, override=True)  # asked to override: accepted and recorded
+    loop.check_run_dir(run_dir, other, override=True)  # asked to override: accepted and recorded
     assert config.load(run_dir / "config.yaml") == other
 
 

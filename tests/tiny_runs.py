@@ -13,7 +13,9 @@ import jax
 import numpy as np
 
 from corpus import tiny_overrides
-from induction_jax import checkpoint, config, model, train
+from induction_jax.training import checkpoint, loop
+from induction_jax.base import config
+from induction_jax.model import model
 
 TINY = "configs/cpu/tiny.yaml"
 TRAINED_STEP = 16
@@ -33,7 +35,7 @@ def trained_run(root: Path) -> Path:
     cfg = config.load(TINY, tiny_overrides(root) + [f"train.steps={TRAINED_STEP}", "snapshots.every=8",
                                                     "train.probe_every=0"])
     out = root / "trained"
-    train.train(cfg, out, progress=False)
+    loop.train(cfg, out, progress=False)
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from . import atomic
+from ..base import atomic
 
 ANALYSIS_VERSION = 2
 EVAL = "eval"  # per snapshot: per-token losses, ICL scores, head measures (heads.MEASURES)

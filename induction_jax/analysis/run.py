@@ -17,10 +17,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import checkpoint, composition, evalset, evaluate, heads
-from . import config as config_lib
-from . import model as model_lib
-from .config import Config, UserError
+from ..training import checkpoint
+from ..measures import composition, evaluate, heads
+from ..data import evalset
+from ..base import config as config_lib
+from ..model import model as model_lib
+from ..base.config import Config, UserError
 from .store import COMPOSITION, EVAL, Store, store_key
 
 

@@ -23,10 +23,12 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from . import atomic, checkpoint, cli, data, evalset, logs, metrics, peak, schedule, sharding, step as step_lib
-from . import config as config_lib
-from . import model as model_lib
-from .config import Config, UserError, first_line
+from ..base import atomic, cli, logs
+from . import checkpoint, metrics, peak, schedule, sharding, step as step_lib
+from ..data import dataset, evalset
+from ..base import config as config_lib
+from ..model import model as model_lib
+from ..base.config import Config, UserError, first_line
 from .probe import Prober
 
 DEFAULT_CONFIG = "configs/cpu/attn_only_2l.yaml"
@@ -179,10 +181,10 @@ def prepare_data(cfg: Config, progress: bool):
     """The prepared data, built once: process 0 first, then the others, which find it in a shared cache (or, with
     a per-host cache, build the same bytes themselves) instead of racing to tokenize the same corpus."""
     if sharding.is_main_process():
-        prepared = data.prepare(cfg, progress=progress)
+        prepared = dataset.prepare(cfg, progress=progress)
     sharding.barrier("data prepared by process 0", PREPARE_TIMEOUT_S)
     if not sharding.is_main_process():
-        prepared = data.prepare(cfg, progress=False)
+        prepared = dataset.prepare(cfg, progress=False)
     return prepared
 
 
@@ -209,7 +211,7 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     prepared = prepare_data(cfg, progress)
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
-    loader = data.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
+    loader = dataset.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
     es = evalset.from_prepared(prepared, cfg.eval.exclude_common)
     prober = Prober(cfg, es, mesh) if cfg.train.probe_every else None
     resume = checkpoint.ResumeCheckpointer(run_dir / checkpoint.STATE_DIR)

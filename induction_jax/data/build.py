@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from . import corpus, sources, tokenstore
-from .config import Config, ConfigError
+from ..base.config import Config, ConfigError
 from .sources import SPLITS
 
 CODE_VERSION = 2  # bump whenever prepared output would change for the same inputs

@@ -25,9 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import xla_bridge
 
-from . import attention, cli, evaluate, peak, schedule, sharding, step as step_lib
-from . import model as model_lib
-from .config import Config, UserError, first_line
+from ..model import attention
+from ..base import cli
+from ..measures import evaluate
+from . import peak, schedule, sharding, step as step_lib
+from ..model import model as model_lib
+from ..base.config import Config, UserError, first_line
 
 GIB = 2**30
 

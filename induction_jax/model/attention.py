@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .config import SPLASH_TILE
+from ..base.config import SPLASH_TILE
 
 NEG = jnp.finfo(jnp.float32).min
 log = logging.getLogger(__name__)

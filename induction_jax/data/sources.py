@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, DataConfig
+from ..base.config import ConfigError, DataConfig
 from .corpus import SourceFile, held_out
 
 PIECE_BYTES = 16 << 20  # source bytes per piece: bounds a worker's memory and the work a kill loses

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, heads
-from .config import Config, UserError, first_line
+from ..base import atomic
+from . import dataset
+from ..measures import heads
+from ..base.config import Config, UserError, first_line
 
 FILE = "eval_set.npz"
 
@@ -35,7 +37,7 @@ class EvalSet:
         return heads.pool_sampler(self.pool_P)
 
 
-def from_prepared(prepared: data.Prepared, exclude: float) -> EvalSet:
+def from_prepared(prepared: dataset.Prepared, exclude: float) -> EvalSet:
     tokens_NL, index_N = prepared.eval_set()
     return EvalSet(tokens_NL, index_N, prepared.eval_hash, prepared.bos_id,
                    np.asarray(prepared.candidate_tokens(exclude), np.int32), float(exclude))
@@ -61,7 +63,7 @@ def load(run_dir: str | Path) -> EvalSet | None:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: unreadable eval set ({first_line(e)}); delete it to take the eval set from the "
                         "prepared data") from None
-    if data.sha256_eval(es.tokens_NL, es.random_index_N) != es.eval_hash:
+    if dataset.sha256_eval(es.tokens_NL, es.random_index_N) != es.eval_hash:
         raise UserError(f"{path}: the eval set does not match its hash; delete it to take the eval set from the "
                         "prepared data")
     return es
@@ -73,4 +75,4 @@ def for_run(run_dir: str | Path, cfg: Config, progress: bool = False) -> EvalSet
     es = load(run_dir)
     if es is not None and es.exclude == cfg.eval.exclude_common:
         return es
-    return from_prepared(data.prepare(cfg, progress=progress), cfg.eval.exclude_common)
+    return from_prepared(dataset.prepare(cfg, progress=progress), cfg.eval.exclude_common)

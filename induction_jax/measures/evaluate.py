@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .crossentropy import token_losses
+from ..model.crossentropy import token_losses
 
 PAPER_LENGTH = 512  # the paper's eval windows; its ICL indices 50 and 500 refer to this length
 

@@ -11,12 +11,11 @@ whole: it is built under a temporary name and renamed into place when complete.
 checkpoint, and resuming on any number of processes reproduces an uninterrupted run exactly. It reads its windows
 lazily from the token store, so a host holds only the rows it asked for.
 
-CLI: `python -m induction_jax.data prepare --config configs/X.yaml [key=value ...]`.
+CLI: `python -m induction_jax.data prepare --config configs/X.yaml [key=value ...]` (__main__.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,7 +23,6 @@ import secrets
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +30,9 @@ import tokenizers
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from . import build, cli, corpus, sources, tokenstore
+from . import build, corpus, sources, tokenstore
 from .build import CODE_VERSION, sha256_eval
-from .config import Config, ConfigError, UserError
+from ..base.config import Config, ConfigError, UserError
 
 CACHE_ENV = "INDUCTION_JAX_CACHE"
 
@@ -333,21 +331,3 @@ def summary(p: Prepared) -> str:
     ] + ([f"token store sha256 {m['tokens_sha256'][:16]} (train and held-out tokens, tokenizer)"]
          if "tokens_sha256" in m else []))
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.data", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize data.sources into the cache (a no-op when already done)")
-    cli.add_config_args(prep, required=True)
-    cli.add_progress_arg(prep)
-    args = parser.parse_args(argv)
-    cfg = cli.config_from_args(args)
-    t0 = time.perf_counter()
-    prepared = prepare(cfg, progress=not args.no_progress)
-    print(summary(prepared))
-    print(f"({time.perf_counter() - t0:.1f} s this call)")
-    return 0
-
-
-if __name__ == "__main__":
-    cli.run(main)

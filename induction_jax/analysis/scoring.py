@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from . import ablation, checkpoint, composition, evaluate, heads
+from ..measures import ablation, composition, evaluate, heads
+from ..training import checkpoint
 from .run import Run
 from .store import COMPOSITION, EVAL, ablation_name
 

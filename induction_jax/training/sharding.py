@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from .config import ConfigError, MeshConfig, ModelConfig, UserError, first_line
-from . import model as model_lib
+from ..base.config import ConfigError, MeshConfig, ModelConfig, UserError, first_line
+from ..model import model as model_lib
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = model_lib.BATCH_AXES

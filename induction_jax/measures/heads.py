@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import EvalConfig, ModelConfig
+from ..base.config import EvalConfig, ModelConfig
 from .evaluate import padded_batches
-from .model import stacked
+from ..model.model import stacked
 
 Sampler = Callable[[np.random.Generator, tuple], np.ndarray]
 # The head measures of an analysed snapshot, in the order of the results store's last axis.

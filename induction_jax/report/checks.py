@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import composition
-from .ablation import PATHS
-from .report import RunResults
+from ..measures import composition
+from ..measures.ablation import PATHS
+from .markdown import RunResults
 
 
 def improvement(r: RunResults) -> float:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ablation, composition, evaluate, headplots, heads, metrics, plots
-from .config import UserError
-from .heads import MEASURES
-from .run import Run
-from .store import COMPOSITION, EVAL, ablation_name
+from ..measures import ablation, composition, evaluate, heads
+from . import headplots, plots
+from ..training import metrics
+from ..base.config import UserError
+from ..measures.heads import MEASURES
+from ..analysis.run import Run
+from ..analysis.store import COMPOSITION, EVAL, ablation_name
 
 MIN_IMPROVEMENT = 0.1  # nats: single-snapshot noise on a 256-window eval set is ~0.05
 LO, HI = 0.2, 0.8

@@ -12,7 +12,8 @@ import math
 import os
 from pathlib import Path
 
-from . import atomic, sharding
+from ..base import atomic
+from . import sharding
 
 FILE = "metrics.jsonl"
 

@@ -8,10 +8,12 @@ import functools
 import jax
 import numpy as np
 
-from . import crossentropy, evaluate, heads, sharding
-from . import model as model_lib
-from .config import Config, EvalConfig
-from .evalset import EvalSet
+from ..model import crossentropy
+from ..measures import evaluate, heads
+from . import sharding
+from ..model import model as model_lib
+from ..base.config import Config, EvalConfig
+from ..data.evalset import EvalSet
 
 
 @functools.partial(jax.jit, static_argnames=("model", "eval_cfg"))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from induction_jax.config import SnapshotsConfig, TrainConfig
+from ..base.config import SnapshotsConfig, TrainConfig
 
 
 def snapshot_steps(cfg: SnapshotsConfig, total_steps: int) -> list[int]:

@@ -14,7 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from . import atomic, data
+from ..base import atomic
+from ..data import dataset
 
 # Dense peak FLOP/s per chip: (bfloat16, float32). On NVIDIA GPUs XLA runs float32 matmuls as TF32 by default,
 # so their float32 figure is the TF32 tensor-core peak.
@@ -48,7 +49,7 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
         return matmul_probe(4096), f"matmul probe on {dev.device_kind}"
     threads = os.environ.get("XLA_FLAGS", "")
     key = f"{platform.node()}|{os.cpu_count()}|{jax.__version__}|{threads}"
-    path = data.cache_root() / "cpu_peak.json"
+    path = dataset.cache_root() / "cpu_peak.json"
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:

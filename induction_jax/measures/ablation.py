@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import crossentropy, evaluate
-from . import model as model_lib
-from .config import EvalConfig
+from ..model import crossentropy
+from . import evaluate
+from ..model import model as model_lib
+from ..base.config import EvalConfig
 
 KINDS = ("pattern", "full")
 PATHS = ("total", "direct", "frozen_ln")

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import attention
 from .crossentropy import chunked_cross_entropy, unembed_cross_entropy
-from .config import ModelConfig
+from ..base.config import ModelConfig
 
 # attn_inputs: what each layer's heads read, ln1's output (the residual stream itself without LayerNorm).
 CAPTURES = ("patterns", "head_results", "resid", "ln_scales", "attn_inputs")

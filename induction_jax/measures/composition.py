@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
+from ..base.config import ModelConfig
 from .heads import folded
-from .model import stacked
+from ..model.model import stacked
 
 MODES = ("q", "k", "v")
 BASELINE_DRAWS = 256

@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from . import logs
-from .config import UserError, first_line
+from ..base import logs
+from ..base.config import UserError, first_line
 
 STATE_DIR = "state"
 SNAPSHOTS_DIR = "snapshots"

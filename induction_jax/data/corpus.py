@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .config import MAX_VOCAB, ConfigError, DataConfig
+from ..base.config import MAX_VOCAB, ConfigError, DataConfig
 
 STDLIB = "python-stdlib"
 BOS = "<|bos|>"

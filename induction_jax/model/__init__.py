@@ -1,0 +1,2 @@
+"""The Flax transformer families (model), their attention kernels (attention) and next-token cross-entropy
+(crossentropy)."""
