@@ -248,8 +248,8 @@ def main(argv=None) -> int:
     pivot = checks.pca_pivot(two.tokens, proj[0], results["attn_only_1l"].tokens, proj[1])
     evidence = markdown.ablation_evidence(two, before, after)
     lines = checks.demo_checks(two, results["attn_only_1l"], results["smeared_key_1l"], evidence, bump, pivot)
-    ranks = heads.copying_rank(run2.model, run2.params(int(two.steps[-1])), run2.config.eval, run2.eval.sampler(),
-                               run2.eval.bos_id, np.random.default_rng(run2.config.data.eval_seed + 1))
+    ranks = heads.copying_rank(run2.model, run2.params(int(two.steps[-1])), run2.config.eval,
+                               heads.pool_sampler(run2.eval.pool_P), run2.eval.bos_id, np.random.default_rng(run2.config.data.eval_seed + 1))
     lines += checks.copying_info(two, ranks, run2.config.model.vocab_size)
     text = path.read_text() + "\n## Checks of the paper's claims (measured in this run)\n\n```\n" + \
         "\n".join(lines) + "\n```\n" + f"\nDemo wall time (this invocation): {(time.time() - t0) / 60:.1f} min.\n"

@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from induction_jax.training import checkpoint as ckpt
-from induction_jax.training.checkpoint import ResumeCheckpointer, RunDirError, SnapshotError, SnapshotReader, SnapshotWriter
+from induction_jax.training.checkpoint import (ResumeCheckpointer, RunDirError, SnapshotError, SnapshotReader,
+                                               SnapshotWriter)
 from induction_jax.base.config import TrainConfig
 from induction_jax.training.schedule import optimizer
 

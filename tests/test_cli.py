@@ -8,20 +8,20 @@ import sys
 
 import pytest
 
-from induction_jax import ablate, analyze, demo
+from induction_jax import ablate, analyze, demo, plan, train
 from induction_jax.base import atomic, cli
-from induction_jax.data import dataset
-from induction_jax.training import metrics, aot, loop
 from induction_jax.base.config import UserError, first_line
+from induction_jax.data.__main__ import main as data_main
+from induction_jax.training import metrics
 
 
 @pytest.mark.parametrize("main,argv,want", [
-    (loop.main, [], ("--config", "key=value", "--no-progress")),
-    (dataset.main, ["prepare"], ("--config", "key=value", "--no-progress")),
+    (train.main, [], ("--config", "key=value", "--no-progress")),
+    (data_main, ["prepare"], ("--config", "key=value", "--no-progress")),
     (analyze.main, [], ("RUN_DIR", "--no-progress")),
     (ablate.main, [], ("RUN_DIR", "--no-progress")),
     (demo.main, [], ("key=value", "--no-progress")),
-    (aot.main, [], ("--config", "key=value")),
+    (plan.main, [], ("--config", "key=value")),
 ])
 def test_every_command_takes_the_shared_arguments(main, argv, want, capsys):
     with pytest.raises(SystemExit) as e:

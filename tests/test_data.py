@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpus import one_line_error
 from induction_jax.data import build, corpus, dataset, sources
+from induction_jax.data.__main__ import main as data_main
 from induction_jax.base import cli
 from induction_jax.base.config import ConfigError, from_dict
 
@@ -343,7 +344,7 @@ def test_cli_prepare(corpus_dir, tmp_path, capsys):
 
     def exit_code(argv) -> int:
         with pytest.raises(SystemExit) as e:
-            cli.run(dataset.main, argv)
+            cli.run(data_main, argv)
         return e.value.code
 
     assert exit_code(args) == 0

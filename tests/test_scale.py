@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from induction_jax.base import config
+from induction_jax import plan
 from induction_jax.training import aot, sharding
 from induction_jax.base.config import UserError
 
@@ -90,7 +91,7 @@ def test_plan_cli_on_fake_cpu_devices():
 
 def test_plan_reruns_itself_when_jax_has_another_device_count(capfd):
     # This process already has 8 CPU devices, fixed when jax started: plan must start a fresh interpreter.
-    code = aot.main(["--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward"])
+    code = plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward"])
     assert code == 0
     assert "2 x cpu" in capfd.readouterr().out
 
@@ -136,7 +137,7 @@ def test_plan_mistakes_are_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "v9:2x2" in r.stderr
     with pytest.raises(UserError, match="train.batch_size"):
-        aot.main(["--config", "configs/cpu/tiny.yaml", "--devices", "8", "train.batch_size=4"])
+        plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "8", "train.batch_size=4"])
 
 
 def _recommended(path: str) -> tuple[str, int]:

@@ -112,7 +112,7 @@ class Run:
         """{measure: [layers, heads]} of `params` (heads.score): the random draws use the same seed at every
         snapshot, and the previous-token score reads the first 64 eval windows."""
         es = self.eval
-        return heads.score(self.model, params, self.config.eval, es.sampler(), es.bos_id,
+        return heads.score(self.model, params, self.config.eval, heads.pool_sampler(es.pool_P), es.bos_id,
                            self.config.data.eval_seed, es.tokens_NL[:64], measures)
 
     def score_heads(self, step: int) -> dict[str, np.ndarray]:

@@ -18,7 +18,6 @@ import numpy as np
 
 from ..base import atomic
 from . import dataset
-from ..measures import heads
 from ..base.config import Config, UserError, first_line
 
 FILE = "eval_set.npz"
@@ -32,9 +31,6 @@ class EvalSet:
     bos_id: int
     pool_P: np.ndarray  # int32 token ids the head evaluators' random tokens are drawn from
     exclude: float  # the eval.exclude_common that chose the pool
-
-    def sampler(self) -> heads.Sampler:
-        return heads.pool_sampler(self.pool_P)
 
 
 def from_prepared(prepared: dataset.Prepared, exclude: float) -> EvalSet:

@@ -1,4 +1,4 @@
-"""`python -m induction_jax.train`: the training loop, snapshots on schedule, exact resume, live metrics.
+"""The training loop of `python -m induction_jax.train`: snapshots on schedule, exact resume, live metrics.
 
 The loop never waits on the step it just dispatched: metrics are fetched one step behind, except at snapshot and
 resume steps, which must know the loss is finite before they commit anything.
@@ -10,12 +10,10 @@ other are named barriers with timeouts (sharding.barrier), so a lost worker ends
 
 from __future__ import annotations
 
-import argparse
 import collections
 import fcntl
 import math
 import os
-import signal
 import socket
 import time
 from pathlib import Path
@@ -23,15 +21,14 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from ..base import atomic, cli, logs
-from . import checkpoint, metrics, peak, schedule, sharding, step as step_lib
-from ..data import dataset, evalset
+from ..base import atomic, logs
 from ..base import config as config_lib
-from ..model import model as model_lib
 from ..base.config import Config, UserError, first_line
+from ..data import dataset, evalset
+from ..model import model as model_lib
+from . import checkpoint, metrics, peak, schedule, sharding, step as step_lib
 from .probe import Prober
 
-DEFAULT_CONFIG = "configs/cpu/attn_only_2l.yaml"
 SYNC_TIMEOUT_S = 600  # barriers between steps of the same run: every process is alive and doing the same work
 # Process 0 builds the token store (tokenizer training included) while the others wait: allow for a big corpus.
 PREPARE_TIMEOUT_S = float(os.environ.get("INDUCTION_JAX_PREPARE_TIMEOUT", 6 * 3600))
@@ -90,10 +87,6 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
-
-
-def default_run_dir(config_path: str | None) -> Path:
-    return Path("runs") / (Path(config_path).stem if config_path else "default")
 
 
 def check_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
@@ -348,35 +341,3 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     return {"run_dir": str(run_dir), "step": final, "loss": last_loss, "preempted": preempted,
             "signal": checkpoint.stop_signal(), "wall_time": wall()}
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.train", description=__doc__.splitlines()[0])
-    cli.add_config_args(parser, default=DEFAULT_CONFIG)
-    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name>)")
-    parser.add_argument("--override-config", action="store_true",
-                        help="continue a run directory even though its config differs")
-    cli.add_progress_arg(parser)
-    multi = parser.add_argument_group("multi-host (TPU VMs and SLURM are detected without these)")
-    multi.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="process 0's address (or env INDUCTION_JAX_COORDINATOR)")
-    multi.add_argument("--num-processes", type=int, help="processes in the job (or INDUCTION_JAX_NUM_PROCESSES)")
-    multi.add_argument("--process-id", type=int, help="this process, 0-based (or INDUCTION_JAX_PROCESS_ID)")
-    args = parser.parse_args(argv)
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    cfg = cli.config_from_args(args)
-    run_dir = args.run_dir or default_run_dir(args.config)
-    if sharding.is_main_process():
-        print(f"run directory: {run_dir}", flush=True)
-    logs.set_path(run_dir / LOG_FILE)
-    logs.divert()
-    out = train(cfg, run_dir, override_config=args.override_config, progress=not args.no_progress)
-    interrupted = out["signal"] == signal.SIGINT
-    if sharding.is_main_process():
-        what = ("interrupted; saved at" if interrupted else "preempted; saved at") if out["preempted"] \
-            else "finished at"
-        print(f"{what} step {out['step']} (loss {out['loss']:.4f}) in {run_dir}", flush=True)
-    return 130 if interrupted else 0
-
-
-if __name__ == "__main__":
-    cli.run(main)

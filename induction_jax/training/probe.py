@@ -44,7 +44,8 @@ class Prober:
         rep = sharding.replicated(mesh)
         self.tokens = jax.device_put(es.tokens_NL[: cfg.train.probe_examples], rep)
         rng = np.random.default_rng(cfg.data.eval_seed)
-        self.prefix = jax.device_put(heads.prefix_matching_tokens(cfg.eval, es.sampler(), es.bos_id, rng), rep)
+        sample = heads.pool_sampler(es.pool_P)
+        self.prefix = jax.device_put(heads.prefix_matching_tokens(cfg.eval, sample, es.bos_id, rng), rep)
         self.model = model_lib.make(cfg.model)
         self.eval_cfg = cfg.eval
 
