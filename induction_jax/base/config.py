@@ -219,7 +219,7 @@ def resolve_path(path: str | Path) -> Path:
     """A config path as given, or else relative to the project checkout (so `configs/...` works anywhere)."""
     path = Path(path)
     if not path.exists() and not path.is_absolute():
-        shipped = Path(__file__).resolve().parent.parent / path
+        shipped = Path(__file__).resolve().parents[2] / path  # induction_jax/base/config.py -> the checkout
         if shipped.exists():
             return shipped
     return path
