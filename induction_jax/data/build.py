@@ -26,8 +26,8 @@ import tokenizers
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from . import corpus, sources, tokenstore
 from ..base.config import Config, ConfigError
+from . import corpus, sources, tokenstore
 from .sources import SPLITS
 
 CODE_VERSION = 2  # bump whenever prepared output would change for the same inputs

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..model import crossentropy
-from . import evaluate
-from ..model import model as model_lib
 from ..base.config import EvalConfig
+from ..model import crossentropy
+from ..model import model as model_lib
+from . import evaluate
 
 KINDS = ("pattern", "full")
 PATHS = ("total", "direct", "frozen_ln")

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..base.config import ModelConfig
-from .heads import folded
 from ..model.model import stacked
+from .heads import folded
 
 MODES = ("q", "k", "v")
 BASELINE_DRAWS = 256

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..base.config import EvalConfig, ModelConfig
-from .evaluate import padded_batches
 from ..model.model import stacked
+from .evaluate import padded_batches
 
 Sampler = Callable[[np.random.Generator, tuple], np.ndarray]
 # The head measures of an analysed snapshot, in the order of the results store's last axis.

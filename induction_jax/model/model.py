@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..base.config import ModelConfig
 from . import attention
 from .crossentropy import chunked_cross_entropy, unembed_cross_entropy
-from ..base.config import ModelConfig
 
 # attn_inputs: what each layer's heads read, ln1's output (the residual stream itself without LayerNorm).
 CAPTURES = ("patterns", "head_results", "resid", "ln_scales", "attn_inputs")

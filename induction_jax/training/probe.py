@@ -8,12 +8,12 @@ import functools
 import jax
 import numpy as np
 
-from ..model import crossentropy
-from ..measures import evaluate, heads
-from . import sharding
-from ..model import model as model_lib
 from ..base.config import Config, EvalConfig
 from ..data.evalset import EvalSet
+from ..measures import evaluate, heads
+from ..model import crossentropy
+from ..model import model as model_lib
+from . import sharding
 
 
 @functools.partial(jax.jit, static_argnames=("model", "eval_cfg"))

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from ..base.config import Config
 from ..model import model as model_lib
 from . import schedule, sharding
-from ..base.config import Config
 
 
 @dataclass(frozen=True)
