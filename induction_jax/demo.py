@@ -40,33 +40,6 @@ LOCK = "requirements.lock"
 DIGESTS = "configs/cpu/corpus-digests.json"  # the demo corpus's digests, per Python version, in the locked venv
 
 
-def lock_mismatches(lock: str | Path = LOCK) -> list[str]:
-    """How this environment differs from the lock file ("name: installed X, locked Y"); empty when it matches.
-
-    The demo's corpus includes the venv's site-packages, so only the locked environment reproduces the recorded
-    corpus (and with it the recorded data order)."""
-    from importlib import metadata
-
-    from packaging.markers import Marker
-    out, locked = [], {"pip", "setuptools", "induction-jax"}  # the venv's own tools, and this package
-    for line in Path(lock).read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line)
-        if not m or (m[3] and not Marker(m[3]).evaluate()):
-            continue
-        locked.add(re.sub(r"[-_.]+", "-", m[1]).lower())
-        try:
-            have = metadata.version(m[1])
-        except metadata.PackageNotFoundError:
-            have = "none"
-        if have != m[2]:
-            out.append(f"{m[1]}: installed {have}, locked {m[2]}")
-    for dist in metadata.distributions():
-        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
-        if name and name not in locked:
-            out.append(f"{name}: installed {dist.version}, not in the lock")
-    return sorted(set(out))
-
-
 def corpus_digest_note(prepared) -> str:
     """One line: whether the prepared corpus is the one recorded for this Python version."""
     import platform

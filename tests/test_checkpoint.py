@@ -106,7 +106,7 @@ def test_sigterm_flag_sets_preemption_and_forces_a_save(tmp_path):
             assert not ck.save(3, _params(), {})
             os.kill(os.getpid(), signal.SIGTERM)
             deadline = time.time() + 5
-            while not ckpt.sigterm_received() and time.time() < deadline:
+            while ckpt.stop_signal() is None and time.time() < deadline:
                 time.sleep(0.01)
             assert ck.reached_preemption(3)
             assert ck.save(3, _params(), {})

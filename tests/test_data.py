@@ -16,10 +16,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpus import one_line_error
-from induction_jax.data import build, corpus, dataset, sources
-from induction_jax.data.__main__ import main as data_main
 from induction_jax.base import cli
 from induction_jax.base.config import ConfigError, from_dict
+from induction_jax.data import build, corpus, dataset, evalset, sources
+from induction_jax.data.__main__ import main as data_main
+from induction_jax.measures import heads
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH = 32, 8
@@ -132,7 +133,9 @@ def test_round_trip_text_tokens_text(prepared):
     assert tok.token_to_id("<|bos|>") == prepared.bos_id and tok.token_to_id("<|eod|>") == prepared.eod_id
 
 
-def test_random_tokens_skip_common_rare_and_special(prepared):
+def test_the_head_measures_random_tokens_skip_common_rare_and_special(prepared):
+    """The pool the trainer stores with the eval set (evalset.from_prepared), drawn from as the head measures
+    draw (heads.pool_sampler)."""
     exclude = 0.1
     freq = prepared.frequencies[: prepared.metadata["tokenizer"]["vocab"]]
     ids = [i for i in range(freq.size) if i not in (prepared.bos_id, prepared.eod_id)]
@@ -140,7 +143,8 @@ def test_random_tokens_skip_common_rare_and_special(prepared):
     k = int(exclude * len(ranked))
     banned = set(ranked[:k]) | set(ranked[-k:]) | {prepared.bos_id, prepared.eod_id}
     banned |= {i for i in ids if freq[i] == 0}
-    draws = prepared.random_tokens(np.random.default_rng(0), (200, 50), exclude)
+    sample = heads.pool_sampler(evalset.from_prepared(prepared, exclude).pool_P)
+    draws = sample(np.random.default_rng(0), (200, 50))
     assert draws.shape == (200, 50) and draws.dtype == np.int32
     assert not set(draws.ravel().tolist()) & banned
     assert set(draws.ravel().tolist()) == set(ids) - banned  # uniform over all the rest: each one drawn
@@ -321,8 +325,6 @@ def test_site_packages_leave_out_editable_finders(tmp_path, monkeypatch):
 def test_loader_errors(prepared):
     with pytest.raises(ConfigError, match="fewer than one batch"):
         dataset.Loader(prepared, SEQ, 10**6, seed=0)
-    with pytest.raises(ValueError, match="not divisible"):
-        dataset.Loader(prepared, SEQ, BATCH, seed=0).process_batch(0, 0, 3)
     with pytest.raises(ConfigError, match="not a prepared data directory"):
         dataset.open_prepared(Path(prepared.path).parent)
 
@@ -333,7 +335,6 @@ def test_device_batch_single_process(prepared):
     for spec in (P(("data", "fsdp")), P("data"), P(None, "fsdp")):
         arr = loader.device_batch(5, NamedSharding(mesh, spec))
         np.testing.assert_array_equal(np.asarray(arr), loader.global_batch(5))
-    np.testing.assert_array_equal(loader.process_batch(5, 1, 4), loader.global_batch(5)[4:8])
 
 
 def test_cli_prepare(corpus_dir, tmp_path, capsys):
@@ -362,7 +363,7 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
     from induction_jax.data import dataset
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    loader = data.Loader(data.open_prepared(path), 32, 16, seed=7)
+    loader = dataset.Loader(dataset.open_prepared(path), 32, 16, seed=7)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rows = {}
     for step in (0, 9, 150):
@@ -370,7 +371,6 @@ WORKER = textwrap.dedent("""
         assert arr.shape == (16, 32)
         for shard in arr.addressable_shards:
             rows[f"{step}_{shard.index[0].start}"] = np.asarray(shard.data)
-        rows[f"process_{step}"] = loader.process_batch(step, pid, 2)
     np.savez(out, **rows)
     jax.distributed.shutdown()
 """)
@@ -402,4 +402,3 @@ def test_two_processes_read_the_global_batch(prepared, tmp_path):
                     start = int(key.split("_")[1])
                     got[start:start + rows.shape[0]] = rows
         np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(np.concatenate([p[f"process_{step}"] for p in parts]), want)

@@ -22,7 +22,8 @@ from corpus import make_corpus, prepared_tiny
 from induction_jax import Run, analyze
 from induction_jax.training import checkpoint, loop
 from induction_jax.base import cli, config
-from induction_jax.data import dataset
+from induction_jax.data import dataset, evalset
+from induction_jax.training import checkpoint, loop
 
 TINY = "configs/cpu/tiny.yaml"
 QUIET = ["train.probe_every=0"]
@@ -210,7 +211,7 @@ def test_read_only_run_directory(trained, tmp_path):
 def test_analyze_with_nothing_committed_or_a_missing_step(trained, base, tmp_path, capsys):
     _, ov = base
     empty = tmp_path / "empty"
-    loop.check_run_dir(empty, config.load(TINY, ov), override=False)  # a trainer before its first snapshot
+    loop.record_config(empty, config.load(TINY, ov), evalset.load(trained))  # a trainer before its first snapshot
     for argv in ([str(empty)], [str(empty), "--no-report"], [str(trained), "--steps", "999"]):
         with pytest.raises(SystemExit) as e:
             cli.run(analyze.main, argv + ["--no-progress"])

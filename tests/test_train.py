@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from corpus import prepared_tiny
-from induction_jax.training import checkpoint, loop
 from induction_jax.base import config
+from induction_jax.data import dataset, evalset
+from induction_jax.training import checkpoint, loop
 
 TINY = "configs/cpu/tiny.yaml"
 
@@ -131,15 +132,22 @@ def test_nan_stops_the_run_and_keeps_the_last_good_snapshot(base, tmp_path):
 
 
 def test_run_dir_with_another_config_is_refused(base, tmp_path):
+    """What the trainer does before training: validate_run_dir, then record_config (the eval set, then
+    config.yaml)."""
     root, ov = base
     run_dir = tmp_path / "mismatch"
-    loop.check_run_dir(run_dir, config.load(TINY, ov), override=False)
+    cfg = config.load(TINY, ov)
+    es = evalset.from_prepared(dataset.prepare(cfg, progress=False), cfg.eval.exclude_common)
+    loop.validate_run_dir(run_dir, cfg, override=False)  # a new directory
+    loop.record_config(run_dir, cfg, es)
     other = config.load(TINY, ov + ["train.lr=0.123"])
     with pytest.raises(config.ConfigError) as e:
-        loop.check_run_dir(run_dir, other, override=False)
+        loop.train(other, run_dir, progress=False)
     assert "train.lr" in str(e.value) and "\n" not in str(e.value)
-    loop.check_run_dir(run_dir, other, override=True)  # asked to override: accepted and recorded
-    assert config.load(run_dir / "config.yaml") == other
+    loop.validate_run_dir(run_dir, other, override=True)  # asked to override: accepted and recorded
+    loop.record_config(run_dir, other, es)
+    assert config.load(run_dir / config.CONFIG_FILE) == other
+    np.testing.assert_array_equal(evalset.load(run_dir).tokens_NL, es.tokens_NL)
 
 
 def test_cli_error_is_one_line(tmp_path):

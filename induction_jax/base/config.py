@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+CONFIG_FILE = "config.yaml"  # the resolved config in a run directory, which the trainer writes last
 MAX_VOCAB = 65_536  # tokens are stored as uint16
 POSITIONS = ("shortformer", "learned", "rotary", "none")
 COPYING_MEASURES = ("ov", "evaluator")  # eval.copying_measure: heads.ov_copying or heads.copying

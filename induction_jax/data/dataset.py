@@ -30,9 +30,9 @@ import tokenizers
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from ..base.config import Config, ConfigError, UserError
 from . import build, corpus, sources, tokenstore
 from .build import CODE_VERSION, sha256_eval
-from ..base.config import Config, ConfigError, UserError
 
 CACHE_ENV = "INDUCTION_JAX_CACHE"
 
@@ -233,12 +233,6 @@ class Prepared:
             self._cache[key] = np.sort(middle[freq_V[middle] > 0])
         return self._cache[key]
 
-    def random_tokens(self, rng: np.random.Generator, shape, exclude: float) -> np.ndarray:
-        """Uniform draws (int32) from `candidate_tokens(exclude)`."""
-        pool = self.candidate_tokens(exclude)
-        if pool.size == 0:
-            raise ValueError(f"{self.path}: no tokens left after excluding {exclude} at each end")
-        return pool[rng.integers(0, pool.size, size=shape)].astype(np.int32)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -288,13 +282,6 @@ class Loader:
 
     def global_batch(self, step: int) -> np.ndarray:
         return self.rows(step, np.arange(self.batch_size))
-
-    def process_batch(self, step: int, process_index: int, process_count: int) -> np.ndarray:
-        """This process's contiguous block of B / process_count rows."""
-        if self.batch_size % process_count:
-            raise ValueError(f"global batch {self.batch_size} is not divisible by {process_count} processes")
-        per = self.batch_size // process_count
-        return self.rows(step, np.arange(process_index * per, (process_index + 1) * per))
 
     def device_batch(self, step: int, sharding: jax.sharding.NamedSharding) -> jax.Array:
         """The global batch as one jax.Array; this process reads only the rows its devices hold."""

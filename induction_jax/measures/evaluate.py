@@ -92,11 +92,6 @@ def icl_score(losses_NL, early: int, late: int, window: int = 0):
     return icl_per_example(losses_NL, early, late, window).mean()
 
 
-def loss_by_index(losses_NL) -> np.ndarray:
-    """float32 [T - 1]: view (a), the mean loss at each token index (entry c = token index c + 1)."""
-    return np.asarray(losses_NL, np.float32).mean(axis=0)
-
-
 def random_token_view(losses_NL, random_index_N) -> np.ndarray:
     """float32 [N]: view (b), each example's loss at its own fixed random token index."""
     losses_NL = np.asarray(losses_NL, np.float32)

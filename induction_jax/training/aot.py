@@ -290,8 +290,4 @@ def markdown_row(name: str, cfg: Config, out: dict, target: str) -> str:
             f"{_si(out['snapshot_bytes'], 'B')} = {_si(out['snapshots'] * out['snapshot_bytes'], 'B')} |")
 
 
-MARKDOWN_HEADER = (
-    "| config | slice | mesh d x f x t | batch | args GiB | temps GiB | peak GiB | analysis fwd peak GiB | fits | "
-    "FLOPs/step analytic | FLOPs/step compiled | s/step @ MFU | 2^17 steps | snapshots |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 

@@ -31,11 +31,11 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ..base import logs
-from ..base.config import UserError, first_line
+from ..base.config import CONFIG_FILE, UserError, first_line
 
 STATE_DIR = "state"
 SNAPSHOTS_DIR = "snapshots"
-LOCK_FILE = ".lock"  # held (flock) by the trainer of a run directory; see train.RunLock
+LOCK_FILE = ".lock"  # held (flock) by the trainer of a run directory; see loop.RunLock
 _STATE, _EXTRA = "state", "extra"
 _PARAMS, _META = "params", "meta"
 
@@ -93,10 +93,6 @@ def _on_stop_signal(signum, frame):
         raise KeyboardInterrupt
     _stop_signal.append(signum)
     _sigterm.set()
-
-
-def sigterm_received() -> bool:
-    return _sigterm.is_set()
 
 
 def stop_signal() -> int | None:
@@ -289,11 +285,11 @@ class SnapshotReader:
         self.directory = self.run_dir / SNAPSHOTS_DIR
         if not self.run_dir.is_dir():
             raise RunDirError(f"{self.run_dir}: no such run directory")
-        if not (self.run_dir / "config.yaml").exists() and not self.directory.is_dir():
+        if not (self.run_dir / CONFIG_FILE).exists() and not self.directory.is_dir():
             if (self.run_dir / LOCK_FILE).exists():
                 raise RunDirError(f"{self.run_dir}: nothing committed yet (its trainer has not got past data "
                                   "preparation); try again once it has saved a snapshot")
-            raise RunDirError(f"{self.run_dir}: not a run directory (no config.yaml and no {SNAPSHOTS_DIR}/)")
+            raise RunDirError(f"{self.run_dir}: not a run directory (no {CONFIG_FILE} and no {SNAPSHOTS_DIR}/)")
 
     def steps(self) -> list[int]:
         """Steps of the committed snapshots, ascending. Orbax's own listing is used, so temporary directories of

@@ -34,7 +34,7 @@ SYNC_TIMEOUT_S = 600  # barriers between steps of the same run: every process is
 PREPARE_TIMEOUT_S = float(os.environ.get("INDUCTION_JAX_PREPARE_TIMEOUT", 6 * 3600))
 LOG_FILE = "train.log"  # what Orbax and friends log, kept out of the terminal (logs.py)
 # Files a trainer may leave in a run directory before its first save.
-_EARLY_FILES = ("config.yaml", evalset.FILE, checkpoint.LOCK_FILE, LOG_FILE)
+_EARLY_FILES = (config_lib.CONFIG_FILE, evalset.FILE, checkpoint.LOCK_FILE, LOG_FILE)
 
 
 class DivergedError(UserError):
@@ -89,31 +89,21 @@ class RunLock:
             self.fd = None
 
 
-def check_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
-    """Refuses a run directory made with another config (one line listing the differences) unless overridden;
-    then process 0 records the config.
-
-    Every process checks before any writes (hence the barrier): each sees the same directory and so raises the
-    same error, instead of one failing alone while the others wait on it.
-    """
-    _validate_run_dir(run_dir, cfg, override)
-    sharding.barrier(f"run directory {run_dir} checked", SYNC_TIMEOUT_S)
-    record_config(run_dir, cfg)
-
-
-def record_config(run_dir: Path, cfg: Config, es: evalset.EvalSet | None = None) -> None:
-    """Process 0 writes the eval set (when given) and then config.yaml, each atomically (a reader sees the old file
-    or the new one, whole): a directory with config.yaml has its eval set."""
+def record_config(run_dir: Path, cfg: Config, es: evalset.EvalSet) -> None:
+    """Process 0 writes the eval set and then config.yaml, each atomically (a reader sees the old file or the new
+    one, whole): a directory with config.yaml has its eval set."""
     if not sharding.is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    if es is not None:
-        evalset.save(run_dir, es)
-    atomic.write(run_dir / "config.yaml", config_lib.to_yaml(cfg), durable=True)
+    evalset.save(run_dir, es)
+    atomic.write(run_dir / config_lib.CONFIG_FILE, config_lib.to_yaml(cfg), durable=True)
 
 
-def _validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
-    saved = run_dir / "config.yaml"
+def validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
+    """Refuses a run directory made with another config (one line listing the differences) unless overridden,
+    and a directory that is not a run directory. Every process checks before any writes: each sees the same
+    directory and so raises the same error, instead of one failing alone while the others wait on it."""
+    saved = run_dir / config_lib.CONFIG_FILE
     if saved.exists():
         old = config_lib.load(saved)
         changed = config_lib.diff(old, cfg)
@@ -187,12 +177,12 @@ def train(cfg: Config, run_dir: Path, *, override_config: bool = False, progress
     config.yaml is written only once the data is prepared and the run's state restored under the new config, so
     a failed start (bad corpus, an --override-config the saved state cannot take) leaves the run as it was.
     """
-    _validate_run_dir(run_dir, cfg, override_config)  # before the lock creates anything in a foreign directory
+    validate_run_dir(run_dir, cfg, override_config)  # before the lock creates anything in a foreign directory
     # Process 0 stands for the job: with several hosts the run directory may be a bucket, where flock means
     # nothing, and the other processes follow process 0's barriers anyway.
     lock = RunLock(run_dir) if sharding.is_main_process() else None
     try:
-        _validate_run_dir(run_dir, cfg, override_config)  # again: another trainer may have changed it meanwhile
+        validate_run_dir(run_dir, cfg, override_config)  # again: another trainer may have changed it meanwhile
         sharding.barrier(f"run directory {run_dir} checked", SYNC_TIMEOUT_S)
         return _train(cfg, run_dir, override_config, progress)
     finally:
