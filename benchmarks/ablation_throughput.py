@@ -30,8 +30,8 @@ def main() -> None:
 
     from timing import best_time
 
-    from induction_jax.measures import ablation
     from induction_jax.base import config
+    from induction_jax.measures import ablation
     from induction_jax.model import crossentropy
     from induction_jax.model import model as model_lib
 

@@ -42,10 +42,10 @@ def ours(job: str, cfg, examples: int, batch: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from induction_jax.measures import ablation, evaluate
-    from induction_jax.training import sharding, step
     from induction_jax.base import config as config_lib
+    from induction_jax.measures import ablation, evaluate
     from induction_jax.model import model as model_lib
+    from induction_jax.training import sharding, step
 
     m = cfg.model
     rng = np.random.default_rng(0)

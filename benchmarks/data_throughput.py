@@ -124,8 +124,8 @@ def train_rate(config: str, steps: int) -> float:
     import numpy as np
     import optax
 
-    from induction_jax.model import crossentropy, model
     from induction_jax.base.config import load
+    from induction_jax.model import crossentropy, model
 
     cfg = load(config)
     params = model.init_params(cfg.model, jax.random.key(0))

@@ -33,8 +33,8 @@ def main() -> None:
 
     from induction_jax.base import config
     from induction_jax.measures import evaluate, heads
-    from induction_jax.training import sharding, step
     from induction_jax.model import model as model_lib
+    from induction_jax.training import sharding, step
 
     cfg = config.load(args.config, args.overrides)
     m = cfg.model

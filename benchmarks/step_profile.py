@@ -83,10 +83,10 @@ def main() -> None:
 
     from timing import best_time
 
-    from induction_jax.model import attention
     from induction_jax.base import config
-    from induction_jax.training import sharding, step
+    from induction_jax.model import attention
     from induction_jax.model import model as model_lib
+    from induction_jax.training import sharding, step
 
     cfg = config.load(args.config, args.overrides)
     m = cfg.model

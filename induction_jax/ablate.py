@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .base import cli, logs
-from .report import markdown
 from .analysis import scoring
-from .measures.ablation import KINDS, PATHS
-from .base.config import UserError
 from .analysis.run import Run
+from .base import cli, logs
+from .base.config import UserError
+from .measures.ablation import KINDS, PATHS
+from .report import markdown
 
 
 def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     progress = not args.no_progress
     logs.divert()
-    run = Run.open(args.run_dir, args.out, progress=progress)
+    run = Run(args.run_dir, args.out)
     cfg = run.config.model
     head_list = parse_heads(args.heads, cfg.n_layers, cfg.n_heads) if args.heads else None
     ends = [s for s in (args.before, args.after) if s is not None]

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .base import cli, logs
-from .report import markdown
 from .analysis import scoring
-from .base.config import UserError
-from .analysis.run import Run
+from .analysis.run import ANALYSIS_DIR, Run
 from .analysis.store import EVAL
+from .base import cli, logs
+from .base.config import UserError
+from .report import markdown
 
 
 def main(argv=None) -> int:
@@ -33,18 +33,18 @@ def main(argv=None) -> int:
     logs.divert()
     several = len(args.run_dirs) > 1
     if several and not args.out and not args.no_report:
-        cli.check_writable(args.run_dirs[0].parent / "analysis", "; pass --out DIR to write the joint report "
+        cli.check_writable(args.run_dirs[0].parent / ANALYSIS_DIR, "; pass --out DIR to write the joint report "
                                                                  "elsewhere")
     runs = []
     for rd in args.run_dirs:
-        run = Run.open(rd, args.out / rd.name if (args.out and several) else args.out, progress=progress)
+        run = Run(rd, args.out / rd.name if (args.out and several) else args.out)
         run.check_steps(args.steps)
         cli.check_writable(run.analysis_dir, "" if args.out else "; pass --out DIR to write them elsewhere")
         scoring.analyze_run(run, args.steps, progress)
         if args.ablations:
             scoring.ablate_run(run, steps=args.steps, progress=progress)
         runs.append(run)
-    if len({run.eval.eval_hash for run in runs}) > 1:
+    if len({run.eval_set.eval_hash for run in runs}) > 1:
         raise UserError("runs use different eval sets (data configs); a joint report needs the same one")
     if not args.no_report:
         if not any(run.store.steps(EVAL) for run in runs):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -24,13 +23,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .report import checks, markdown
+from .analysis import scoring
+from .analysis.results import RunResults
+from .analysis.run import ANALYSIS_DIR, Run
 from .base import cli, config
 from .data import dataset
-from .measures import heads
-from .training import metrics
-from .analysis import scoring
-from .analysis.run import Run
+from .report import checks, markdown
+from .training import checkpoint, metrics
 
 RUNS = {"attn_only_2l": "configs/cpu/attn_only_2l.yaml", "attn_only_1l": "configs/cpu/attn_only_1l.yaml",
         "smeared_key_1l": "configs/cpu/smeared_key_1l.yaml"}
@@ -98,13 +97,13 @@ def train_all(out: Path, overrides: list[str], progress: bool = True) -> None:
 
     def analyse(name: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "induction_jax.analyze", str(out / name), "--out",
-                                 str(out / name / "analysis"), "--no-report", "--no-progress"],
+                                 str(out / name / ANALYSIS_DIR), "--no-report", "--no-progress"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 preexec_fn=_pinned(1))
 
     for name, path in RUNS.items():
         run_dir = out / name
-        if _steps_done(run_dir) >= cfgs[name].train.steps and (run_dir / "snapshots").exists():
+        if _steps_done(run_dir) >= cfgs[name].train.steps and (run_dir / checkpoint.SNAPSHOTS_DIR).exists():
             continue
         log = (out / f"{name}.train.log").open("a")
         procs[name] = (subprocess.Popen([sys.executable, "-m", "induction_jax.train", "--config", path,
@@ -156,12 +155,13 @@ def train_all(out: Path, overrides: list[str], progress: bool = True) -> None:
 
 
 def ablation_steps(steps: list[int], window: dict | None, n: int = ABLATION_SNAPSHOTS) -> list[int]:
-    """Snapshots before, during and after the phase-change window (or spread over training without one)."""
+    """Snapshots before, during and after the phase-change window (`RunResults.window`: the snapshots `window["i"]`
+    to `window["j"]`), or spread over training without one."""
     steps = sorted(steps)
     if not window:
         idx = np.unique(np.linspace(0, len(steps) - 1, n).round().astype(int))
         return [steps[i] for i in idx]
-    i0, i1 = window["start_index"], window["end_index"]
+    i0, i1 = window["i"], window["j"]
     inside = list(np.unique(np.linspace(i0, i1, max(n - 4, 2)).round().astype(int)))
     picks = {0, max(i0 - 1, 0), min(i1 + 1, len(steps) - 1), len(steps) - 1, *inside}
     return [steps[i] for i in sorted(picks)]
@@ -197,15 +197,14 @@ def main(argv=None) -> int:
     train_all(out, args.overrides, progress)
 
     print("3/4 analyzing every snapshot", flush=True)
-    runs = {name: Run.open(out / name, out / name / "analysis", progress=progress) for name in RUNS}
+    runs = {name: Run(out / name) for name in RUNS}
     for run in runs.values():
         scoring.analyze_run(run, progress=progress)
-    results = {name: markdown.RunResults(run) for name, run in runs.items()}
+    results = {name: RunResults(run) for name, run in runs.items()}
     two, run2 = results["attn_only_2l"], runs["attn_only_2l"]
-    # Check 1's window: the ablations bracket it, and its two ends are the before/after of the attribution.
-    w = checks.best_window(two)
-    picks = ablation_steps(two.steps.tolist(), {"start_index": w["i"], "end_index": w["j"]})
-    before, after = int(two.steps[w["i"]]), int(two.steps[w["j"]])
+    # Check 1's window (the figures shade the same): the ablations bracket it, and its two ends are the
+    # before/after of the attribution.
+    picks = ablation_steps(two.steps.tolist(), two.window)
     print(f"4/4 ablating every head of the 2-layer model at steps {picks} (and along the direct and frozen_ln "
           f"paths, and together with the induction heads, at step {picks[-1]})", flush=True)
     scoring.ablate_run(run2, steps=picks, kind="pattern", progress=progress)
@@ -213,20 +212,10 @@ def main(argv=None) -> int:
         scoring.ablate_run(run2, steps=picks[-1:], kind="pattern", progress=progress, path=path_name)
     scoring.ablate_run(run2, steps=picks[-1:], kind="pattern", progress=progress, joint=True)
 
-    path = markdown.write(list(runs.values()), out, before_after=(before, after))
-    tok_tr, loss_tr, lr_tr = markdown.training_loss(out / "attn_only_2l")
-    start, end = checks.constant_lr_span(tok_tr, lr_tr)
-    bump = checks.loss_bump(tok_tr, loss_tr, start, end)
-    proj, _ = markdown.joint_pca(list(results.values()))
-    pivot = checks.pca_pivot(two.tokens, proj[0], results["attn_only_1l"].tokens, proj[1])
-    evidence = markdown.ablation_evidence(two, before, after)
-    lines = checks.demo_checks(two, results["attn_only_1l"], results["smeared_key_1l"], evidence, bump, pivot)
-    ranks = heads.copying_rank(run2.model, run2.params(int(two.steps[-1])), run2.config.eval,
-                               heads.pool_sampler(run2.eval.pool_P), run2.eval.bos_id, np.random.default_rng(run2.config.data.eval_seed + 1))
-    lines += checks.copying_info(two, ranks, run2.config.model.vocab_size)
-    text = path.read_text() + "\n## Checks of the paper's claims (measured in this run)\n\n```\n" + \
-        "\n".join(lines) + "\n```\n" + f"\nDemo wall time (this invocation): {(time.time() - t0) / 60:.1f} min.\n"
-    path.write_text(text)
+    lines = checks.demo_lines(two, results["attn_only_1l"], results["smeared_key_1l"])
+    appendix = ("\n## Checks of the paper's claims (measured in this run)\n\n```\n" + "\n".join(lines) + "\n```\n"
+                f"\nDemo wall time (this invocation): {(time.time() - t0) / 60:.1f} min.\n")
+    path = markdown.write(list(runs.values()), out, appendix=appendix)
     print("\n".join(lines))
     print(f"report: {path}")
     return 0

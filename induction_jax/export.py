@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis.run import Run
 from .base import cli, logs
 from .base.config import ModelConfig, UserError
 from .model.model import sinusoidal_table
-from .analysis.run import Run
 
 TL_REQUIREMENT = "transformer-lens>=3.9,<4"
 TL_POSITIONS = {"shortformer": "shortformer", "learned": "standard", "rotary": "rotary", "none": "standard"}
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/transformer_lens/step_N)")
     args = parser.parse_args(argv)
     logs.divert()
-    run = Run.open(args.run_dir)
+    run = Run(args.run_dir)
     out = transformer_lens(run, args.step, args.out or args.run_dir / "transformer_lens" / f"step_{args.step}")
     print(f"wrote {out}/{{config.json, weights.npz, export.json}}")
     return 0

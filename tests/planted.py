@@ -20,8 +20,8 @@ import math
 import jax
 import numpy as np
 
-from induction_jax.model import model
 from induction_jax.base.config import ModelConfig
+from induction_jax.model import model
 
 
 def planted_induction_model(vocab: int = 64, n_heads: int = 3, context: int = 128, *, anticopy: bool = False,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from induction_jax import ablate
-from induction_jax.measures import ablation
 from induction_jax.base import config
+from induction_jax.measures import ablation
 from induction_jax.model import crossentropy, model
 
 CFG = config.ModelConfig(n_layers=2, d_model=32, n_heads=4, context=12, vocab_size=50, init_std=0.3)

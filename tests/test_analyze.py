@@ -1,4 +1,5 @@
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -11,13 +12,13 @@ import pytest
 
 from corpus import tiny_overrides
 from induction_jax import Run, ablate
-from induction_jax.measures import ablation, evaluate, heads
+from induction_jax.analysis import records, results, scoring
+from induction_jax.analysis.store import EVAL, ablation_name
 from induction_jax.base import cli, config
 from induction_jax.data import dataset, evalset
-from induction_jax.report import markdown
-from induction_jax.analysis import scoring
+from induction_jax.measures import ablation, evaluate, heads
+from induction_jax.report import checks, headplots, markdown, plots
 from induction_jax.training import loop
-from induction_jax.analysis.store import EVAL, ablation_name
 
 TINY = "configs/cpu/tiny.yaml"
 
@@ -39,7 +40,7 @@ def _copy(run_dir, tmp_path):
 
 
 def _analyzed(rd, steps=None) -> Run:
-    run = Run.open(rd)
+    run = Run(rd)
     scoring.analyze_run(run, steps, progress=False)
     return run
 
@@ -50,7 +51,7 @@ def test_analyze_every_snapshot_and_write_report(run_dir, tmp_path):
     steps = run.store.sorted_steps(EVAL)
     assert steps == [4, 8, 12, 16, 20, 24]
     losses = run.store.read(EVAL, "per_token_loss")
-    tokens_NL = run.eval_set()[0]
+    tokens_NL = run.eval_set.tokens_NL
     assert losses.shape == (6,) + (tokens_NL.shape[0], tokens_NL.shape[1] - 1)
     assert run.store.read(EVAL, "head_scores").shape == (6, 2, 4, 5)
     path = markdown.write([run])
@@ -120,51 +121,77 @@ def test_not_a_run_dir_is_one_line(tmp_path):
 def test_run_api(run_dir, tmp_path):
     rd = _copy(run_dir, tmp_path)
     _analyzed(rd)
-    run = Run.open(rd)
+    run = Run(rd)
     assert run.steps == [4, 8, 12, 16, 20, 24]
     assert run.tokens_at(8) == 8 * run.config.train.batch_size * run.config.model.context
-    stored = run.per_token_losses(24)
-    fresh = evaluate.per_token_losses(run.model, run.params(24), run.eval_set()[0], 8)
+    stored = run.losses_at(24)
+    fresh = evaluate.per_token_losses(run.model, run.params(24), run.eval_set.tokens_NL, 8)
     np.testing.assert_allclose(stored, fresh, rtol=1e-5, atol=1e-5)  # stored ones were sharded over 8 devices
-    assert set(run.icl_scores()) == set(run.steps)
-    steps, scores, measures = run.head_scores()
+    assert set(run.stored_icl_scores()) == set(run.steps)
+    steps, scores, measures = run.stored_head_scores()
     assert scores.shape == (6, 2, 4, 5) and measures[0] == "prefix_matching"
-    rows = run.head_scores(tidy=True)
+    rows = run.stored_head_scores(tidy=True)
     assert len(rows) == 6 * 2 * 4 * 5 and {"step", "layer", "head", "measure", "value"} <= set(rows[0])
 
 
-def test_score_heads_gives_every_measure_from_the_snapshot(run_dir, tmp_path):
-    """Run.score_heads recomputes the stored measures from a snapshot; the previous-token score is checked
+def test_measures_of_gives_every_measure_from_the_snapshot(run_dir, tmp_path):
+    """Run.measures_of recomputes the stored measures from a snapshot; the previous-token score is checked
     against attention patterns averaged by hand."""
     rd = _copy(run_dir, tmp_path)
     _analyzed(rd, steps=[24])
-    run = Run.open(rd)
-    fresh = run.score_heads(24)
+    run = Run(rd)
+    fresh = run.measures_of(run.params(24))
     assert tuple(fresh) == heads.MEASURES
-    tokens = run.eval_set()[0][:64]
+    tokens = run.eval_set.tokens_NL[:64]
     _, cap = run.model.apply({"params": run.params(24)}, tokens, capture=("patterns",))
     pat = np.asarray(cap["patterns"], np.float64)  # [L, B, H, Q, K]
     t = tokens.shape[1]
     by_hand = pat[..., np.arange(1, t), np.arange(t - 1)].mean(axis=(1, 3))
     np.testing.assert_allclose(fresh["previous_token"], by_hand, atol=1e-5)
-    np.testing.assert_allclose(fresh["ov_copying"], run.head_scores()[1][-1, ..., heads.MEASURES.index("ov_copying")],
-                               atol=1e-6)
+    stored_ov = run.stored_head_scores()[1][-1, ..., heads.MEASURES.index("ov_copying")]
+    np.testing.assert_allclose(fresh["ov_copying"], stored_ov, atol=1e-6)
 
 
-def test_detect_window_ignores_an_early_transient():
-    tokens = np.arange(1, 41) * 1e5
-    icl = np.where(np.arange(40) < 25, 0.0, -0.4)
-    icl[25:28] = [-0.1, -0.2, -0.3]  # the phase change: snapshots 24-28
-    icl[0] = 0.15  # an untrained model's positive score that quickly vanishes
-    w = markdown.detect_window(tokens, icl)
-    assert 22 <= w["start_index"] <= 25 and 26 <= w["end_index"] <= 29
-    assert markdown.detect_window(tokens, np.zeros(40)) is None
+def _with_a_phase_change(monkeypatch):
+    """The stored windowed ICL scores replaced by a fall between the 3rd and 4th of 6 snapshots, so that the run
+    has a phase-change window wherever the results are read."""
+    real = records.read_eval
+
+    def falling(store):
+        rec = real(store)
+        icl = np.array([0.0, 0.0, -0.05, -0.4, -0.45, -0.45])[-len(rec.steps):]
+        return dataclasses.replace(rec, icl_window=icl)
+
+    monkeypatch.setattr(records, "read_eval", falling)
+
+
+def test_the_window_every_figure_shades_is_check_1s(run_dir, tmp_path, monkeypatch):
+    """One phase-change window: every figure of the report shades the window check 1 judges (best_window)."""
+    run = _analyzed(_copy(run_dir, tmp_path))
+    _with_a_phase_change(monkeypatch)
+    shaded = []
+    for module in (plots, headplots):
+        for name, fn in list(vars(module).items()):
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__ \
+                    and "window" in inspect.signature(fn).parameters:
+                def spy(*args, _fn=fn, **kwargs):
+                    shaded.append(inspect.signature(_fn).bind(*args, **kwargs).arguments.get("window"))
+                    return _fn(*args, **kwargs)
+                monkeypatch.setattr(module, name, spy)
+    markdown.write([run])
+    r = results.RunResults(run)
+    w = results.best_window(r)
+    assert (w["i"], w["j"]) == (2, 3) and r.window == w
+    want = (w["start_tokens"], w["end_tokens"])
+    assert len(shaded) >= 8 and all(x in (want, {run.name: want}) for x in shaded), shaded
+    check_1 = checks.demo_checks(r, r, r, None, None, None)[0]
+    assert f"between {want[0]:,.0f} and {want[1]:,.0f} tokens" in check_1, check_1
 
 
 def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     run = _analyzed(_copy(run_dir, tmp_path))
     cfg = run.config.model
-    n_examples = len(run.eval_set()[0])
+    n_examples = len(run.eval_set.tokens_NL)
     n_heads = cfg.n_layers * cfg.n_heads
     for path in ablation.PATHS:
         section = scoring.ablate_run(run, steps=[20, 24], path=path, progress=False)
@@ -180,8 +207,8 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     joint = scoring.ablate_run(run, steps=[24], joint=True, progress=False)
     assert joint == ablation_name("pattern", "total", joint=True) and run.store.sorted_steps(joint) == [24]
 
-    r = markdown.RunResults(run)
-    ev = markdown.ablation_evidence(r, 4, 24)
+    r = results.RunResults(run)
+    ev = results.ablation_evidence(r, 4, 24)
     assert ev["step"] == 24 and set(ev["paths"]) == set(ablation.PATHS)
     assert all(len(ev["paths"][p]["undone"]) == n_heads for p in ablation.PATHS)
     total, direct = ev["paths"]["total"], ev["paths"]["direct"]
@@ -218,30 +245,38 @@ def test_open_and_analyze_use_the_stored_eval_set_not_the_data(run_dir, tmp_path
     prepared = dataset.prepare(cfg, progress=False)
 
     def no_data(*args, **kwargs):
-        raise AssertionError("data.prepare was called")
+        raise AssertionError("dataset.prepare was called")
 
-    monkeypatch.setattr(data, "prepare", no_data)
-    run = Run.open(rd)
-    tokens_NL, index_N = run.eval_set()
+    monkeypatch.setattr(dataset, "prepare", no_data)
+    run = Run(rd)
+    tokens_NL, index_N = run.eval_set.tokens_NL, run.eval_set.random_index_N
     want_NL, want_N = prepared.eval_set()
     np.testing.assert_array_equal(tokens_NL, want_NL)
     np.testing.assert_array_equal(index_N, want_N)
-    assert run.eval.eval_hash == prepared.eval_hash and run.eval.bos_id == prepared.bos_id
-    np.testing.assert_array_equal(run.eval.pool_P, prepared.candidate_tokens(cfg.eval.exclude_common))
+    assert run.eval_set.eval_hash == prepared.eval_hash and run.eval_set.bos_id == prepared.bos_id
+    np.testing.assert_array_equal(run.eval_set.pool_P, prepared.candidate_tokens(cfg.eval.exclude_common))
     scoring.analyze_run(run, steps=[24], progress=False)
     assert run.store.steps(EVAL) == [24]
 
 
-def test_a_run_directory_without_the_eval_set_file_still_opens(run_dir, tmp_path):
-    """A run directory written before the eval set was stored: the same eval set comes from the prepared data, so
-    its stored results are found under the same key."""
+def test_a_run_directory_of_an_earlier_version_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    """A run directory written before the eval set was stored in it: refused, naming the directory, until the
+    trainer is re-run on it, which writes the eval set (the same one, so stored results are found again)."""
     rd = _copy(run_dir, tmp_path)
     stored = _analyzed(rd, steps=[24])
     (rd / evalset.FILE).unlink()
-    run = Run.open(rd)
-    assert run.store.key == stored.store.key and set(run.icl_scores()) == {24}
-    np.testing.assert_array_equal(run.eval_set()[0], stored.eval_set()[0])
-    np.testing.assert_array_equal(run.eval.pool_P, stored.eval.pool_P)
+    assert Run(rd).steps == stored.steps  # snapshots and config still read
+    with pytest.raises(config.UserError) as e:
+        Run(rd).eval_set
+    assert str(rd) in str(e.value) and "earlier version" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as ex:
+        cli.run(ablate.main, [str(rd), "--steps", "24", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ex.value.code == 2 and len(err) == 1 and "re-run the trainer" in err[0], err
+    loop.train(config.load(rd / config.CONFIG_FILE), rd, progress=False)  # what the message says to do
+    run = Run(rd)
+    assert run.store.key == stored.store.key and set(run.stored_icl_scores()) == {24}
+    np.testing.assert_array_equal(run.eval_set.tokens_NL, stored.eval_set.tokens_NL)
 
 
 def test_a_damaged_eval_set_file_is_one_line(run_dir, tmp_path):
@@ -249,10 +284,10 @@ def test_a_damaged_eval_set_file_is_one_line(run_dir, tmp_path):
     es = evalset.load(rd)
     evalset.save(rd, dataclasses.replace(es, tokens_NL=es.tokens_NL[::-1].copy()))
     with pytest.raises(config.UserError, match="does not match its hash"):
-        Run.open(rd).eval_set()
+        Run(rd).eval_set
     (rd / evalset.FILE).write_bytes(b"not a zip")
     with pytest.raises(config.UserError, match="unreadable eval set") as e:
-        Run.open(rd).eval_set()
+        Run(rd).eval_set
     assert "\n" not in str(e.value) and evalset.FILE in str(e.value)
 
 
@@ -267,30 +302,55 @@ def test_ablate_command_scores_only_what_it_needs(run_dir, tmp_path, capsys):
         assert e.value.code == 0, capsys.readouterr().err
 
     ablate_cmd("--steps", 24)
-    run = Run.open(rd)
+    run = Run(rd)
     assert run.store.steps(EVAL) == [] and run.store.steps(ablation_name()) == [24]
     text = (rd / "analysis" / "report.md").read_text()
     assert "Argument 3" in text and "No snapshot is analysed yet" in text
     ablate_cmd("--steps", 24, "--before", 4, "--after", 24)
     assert run.store.sorted_steps(EVAL) == [4, 24]
     text = (rd / "analysis" / "report.md").read_text()
-    assert "Before-and-after attribution (training change from step 4 to 24" in text
+    assert "Before-and-after attribution, total path (training change from step 4 to 24" in text
     # The classification computed for the ablation alone is the one the full analysis stores.
     induction = run.store.sorted_records(ablation_name())[-1]["induction"]
     np.testing.assert_array_equal(scoring.induction_heads(run, 24, None), induction)
-    fresh = run.measure_heads(run.params(24), ("ov_copying", "prefix_matching"))
+    fresh = run.measures_of(run.params(24), ("ov_copying", "prefix_matching"))
     scores = run.store.read(EVAL, "head_scores", 24)
     for m, value in fresh.items():
         np.testing.assert_allclose(value, scores[..., heads.MEASURES.index(m)], atol=1e-6)
 
 
+def test_ablate_command_reports_an_ablation_along_another_path_alone(run_dir, tmp_path, capsys):
+    """`ablate --path direct` on a run with nothing else in its store: the report shows that ablation."""
+    rd = _copy(run_dir, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.run(ablate.main, [str(rd), "--steps", "24", "--path", "direct", "--no-progress"])
+    assert e.value.code == 0, capsys.readouterr().err
+    text = (rd / "analysis" / markdown.REPORT_FILE).read_text()
+    assert "Argument 3" in text and "share removed, direct" in text and "share removed, total" not in text
+
+
+def test_demo_lines_build_every_check_from_the_runs_results(run_dir, tmp_path, monkeypatch):
+    """The demo's checks section from one function of the runs' results (the same run standing in for all three):
+    the five checks and the copying INFO lines, with the ablations at the ends of check 1's window."""
+    run = _analyzed(_copy(run_dir, tmp_path))
+    _with_a_phase_change(monkeypatch)
+    r = results.RunResults(run)
+    scoring.ablate_run(run, steps=[12, 16], progress=False)
+    scoring.ablate_run(run, steps=[16], path="direct", progress=False)
+    lines = checks.demo_lines(r, r, r)
+    assert [line[5] for line in lines if not line.startswith("INFO")] == list("12345"), lines
+    four = next(line for line in lines if line[5] == "4")
+    assert "at step 16" in four and "steps 12 -> 16" in four, four
+    assert sum(line.startswith("INFO head ") for line in lines) == 2
+
+
 # ------------------------------------------------------------------------------------------ composition scores
 
 def test_analyze_stores_composition_scores_and_fills_them_in_for_an_analysed_run(run_dir, tmp_path):
-    from induction_jax.measures import composition
     from induction_jax.analysis.store import COMPOSITION
+    from induction_jax.measures import composition
     run = _analyzed(_copy(run_dir, tmp_path), steps=[20, 24])
-    steps, scores, modes, baseline = run.composition_scores()
+    steps, scores, modes, baseline = run.stored_composition_scores()
     cfg = run.config.model
     assert list(steps) == [20, 24] and modes == composition.MODES
     assert scores.shape == (2, 3, cfg.n_layers, cfg.n_heads, cfg.n_layers, cfg.n_heads)
@@ -303,7 +363,7 @@ def test_analyze_stores_composition_scores_and_fills_them_in_for_an_analysed_run
     assert (run.store.dir / f"{EVAL}.index.json").read_text() == eval_index
     assert run.store.sorted_steps(COMPOSITION) == [20, 24]
 
-    r = markdown.RunResults(run)
+    r = results.RunResults(run)
     fig = tmp_path / "fig"
     lines = markdown.composition_lines(r, fig, "fig")
     pairs = [line for line in lines if line.startswith("| 0.")]

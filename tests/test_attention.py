@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from induction_jax.model import attention, crossentropy, model as model_lib
 from induction_jax.base import config
+from induction_jax.model import attention, crossentropy, model as model_lib
 
 B, H, T, D = 2, 4, 19, 8  # T not a multiple of the blocks below
 

@@ -4,6 +4,7 @@ check PASSing and FAILing on constructed results."""
 import numpy as np
 import pytest
 
+from induction_jax.analysis import results
 from induction_jax.report import checks
 
 
@@ -84,7 +85,7 @@ def test_smoothing_is_per_decade_not_per_sample():
 # ------------------------------------------------------------------------------ checks on constructed results
 
 class _Results:
-    """The parts of report.RunResults the checks read: tokens, windowed ICL, per-head measures, composition scores
+    """The parts of results.RunResults the checks read: tokens, windowed ICL, per-head measures, composition scores
     (K-composition of `k_partner` into head 1.1 at `k_score`, every other pair at 0.05; baseline 0.09) and the
     eval config. Layer-0 head 0.0 is the previous-token head."""
 
@@ -195,7 +196,7 @@ def _lagging_prefix(lag):
 
 def test_check_1_window_is_any_qualifying_span_not_only_the_largest_share():
     two = _lagging_prefix(0.3)
-    w = checks.best_window(two)
+    w = results.best_window(two)
     assert w["qualifies"] and w["largest"]["i"] == 14  # the largest share starts at the noisy bump
     lines = _lines(two=two, bump=_at(9e6), pivot=_at(9e6))
     assert w["largest"]["pm_end"] < 0.5 < w["pm_end"] and w["share"] >= 0.6 and w["span"] <= 0.3
@@ -203,7 +204,7 @@ def test_check_1_window_is_any_qualifying_span_not_only_the_largest_share():
 
 
 def test_check_1_fails_when_prefix_matching_comes_after_every_short_window():
-    w = checks.best_window(_lagging_prefix(0.5))
+    w = results.best_window(_lagging_prefix(0.5))
     assert not w["qualifies"] and (w["i"], w["j"]) == (w["largest"]["i"], w["largest"]["j"])
     assert _lines(two=_lagging_prefix(0.5))[0].startswith("FAIL 1")
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from planted import planted_induction_model, random_model
 
+from induction_jax.base.config import ModelConfig
 from induction_jax.measures import composition
 from induction_jax.model import model
-from induction_jax.base.config import ModelConfig
 
 MODE = {name: i for i, name in enumerate(composition.MODES)}  # q, k, v: the scores' leading axis
 TOL = 1e-5

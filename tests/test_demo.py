@@ -26,7 +26,7 @@ def test_progress_readers_take_the_newest_records(tmp_path):
 
 def test_ablation_steps_cover_before_during_and_after_the_window():
     steps = list(range(100, 4100, 100))
-    picks = demo.ablation_steps(steps, {"start_index": 10, "end_index": 20})
+    picks = demo.ablation_steps(steps, {"i": 10, "j": 20})  # RunResults.window's snapshot indices
     assert picks[0] == 100 and picks[-1] == 4000
     assert 1000 in picks and 2200 in picks  # the snapshots just before and just after the window
     assert sum(1100 <= s <= 2100 for s in picks) >= 3

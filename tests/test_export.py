@@ -85,8 +85,8 @@ def _export(run_dir, step, out):
 def test_export_gives_the_same_logits_under_transformer_lens_conventions(runs, name, tmp_path):
     run_dir, step = runs[name]
     cfg, sd = _export(run_dir, step, tmp_path / "tl")
-    run = Run.open(run_dir)
-    tokens = run.eval_set()[0][:4]
+    run = Run(run_dir)
+    tokens = run.eval_set.tokens_NL[:4]
     ours = np.asarray(run.model.apply({"params": run.params(step)}, tokens))
     theirs = tl_forward(sd, cfg, tokens)
     assert np.abs(ours).max() > 1.0  # logits large enough for a misplaced weight to show

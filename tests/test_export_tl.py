@@ -39,9 +39,9 @@ def load(out, monkeypatch, **config_changes):
 
 def exported(runs, name, tmp_path):
     run_dir, step = runs[name]
-    run = Run.open(run_dir)
+    run = Run(run_dir)
     out = export.transformer_lens(run, step, tmp_path / "tl")
-    tokens = np.asarray(run.eval_set()[0][:4], np.int32)
+    tokens = np.asarray(run.eval_set.tokens_NL[:4], np.int32)
     return run, step, out, tokens
 
 

@@ -20,7 +20,6 @@ import pytest
 
 from corpus import make_corpus, prepared_tiny
 from induction_jax import Run, analyze
-from induction_jax.training import checkpoint, loop
 from induction_jax.base import cli, config
 from induction_jax.data import dataset, evalset
 from induction_jax.training import checkpoint, loop
@@ -199,13 +198,13 @@ def test_read_only_run_directory(trained, tmp_path):
         rd = ro / trained.name
         with pytest.raises(OSError):
             (rd / "probe").write_text("")
-        run = Run.open(rd)
+        run = Run(rd)
         assert run.steps == [2, 4]
         assert _finite(run.params(4)) and run.tokens_at(4) > 0
         _one_line_error(_run(_cmd("analyze", rd, "--no-progress", "--no-report")), "pass --out")
         r = _run(_cmd("analyze", rd, "--no-progress", "--no-report", "--steps", 4, "--out", tmp_path / "out"))
         assert r.returncode == 0, r.stderr[-3000:]
-    assert Run.open(trained, tmp_path / "out").icl_scores().keys() == {4}
+    assert Run(trained, tmp_path / "out").stored_icl_scores().keys() == {4}
 
 
 def test_analyze_with_nothing_committed_or_a_missing_step(trained, base, tmp_path, capsys):
@@ -327,7 +326,7 @@ def test_unreadable_snapshot_is_one_line(trained, tmp_path):
         import sys
         from induction_jax import Run
         from induction_jax.training.checkpoint import SnapshotError
-        run = Run.open(sys.argv[1])
+        run = Run(sys.argv[1])
         for _ in range(5):  # the noise depends on thread timing: several reads make it show up
             for step in run.steps:
                 try:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from planted import planted_induction_model, random_model
 
+from induction_jax.base.config import EvalConfig, ModelConfig
 from induction_jax.measures import heads
 from induction_jax.model import model
-from induction_jax.base.config import EvalConfig, ModelConfig
 
 EVAL = EvalConfig(draws=4)
 TINY = ModelConfig(n_layers=3, d_model=32, n_heads=4, d_mlp=0, positions="shortformer", pos_table="learned",

@@ -19,10 +19,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from corpus import tiny_overrides
-from induction_jax.training import checkpoint, sharding
 from induction_jax.base import config
-from induction_jax.data import dataset
 from induction_jax.base.config import UserError
+from induction_jax.data import dataset
+from induction_jax.training import checkpoint, sharding
 
 TINY = "configs/cpu/tiny.yaml"
 RUN = ["train.steps=6", "train.resume_every=3", "snapshots.every=2", "train.probe_every=3"]
@@ -212,8 +212,8 @@ WRITERS_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from induction_jax.training import checkpoint, sharding
     from induction_jax.base import cli
+    from induction_jax.training import checkpoint, sharding
 
     def main(argv):
         sharding.initialize_distributed(timeout_s=60)

@@ -12,12 +12,12 @@ import pytest
 import tensorstore as ts
 
 from corpus import make_corpus, one_line_error
-from induction_jax.base import config
-from induction_jax.data import corpus, dataset, sources
 from induction_jax.analysis import scoring, store
-from induction_jax.training import loop
 from induction_jax.analysis.run import Run
+from induction_jax.base import config
 from induction_jax.base.config import ConfigError
+from induction_jax.data import corpus, dataset, sources
+from induction_jax.training import loop
 
 TINY = "configs/cpu/tiny.yaml"
 PYARROW = "pyarrow (the `data` extra: pip install 'induction_jax[data]') reads parquet and arrow sources"
@@ -68,7 +68,7 @@ def check_end_to_end(tmp_path, source, *extra):
     cfg = tiny(tmp_path, source, *extra, "train.steps=4", "snapshots.every=4", "train.probe_every=0")
     out = tmp_path / "run"
     assert loop.train(cfg, out, progress=False)["step"] == 4
-    run = Run.open(out)
+    run = Run(out)
     scoring.analyze_run(run, progress=False)
     assert run.store.sorted_steps(store.EVAL) == [4]
     losses = run.store.read(store.EVAL, "per_token_loss")

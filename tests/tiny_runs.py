@@ -13,9 +13,10 @@ import jax
 import numpy as np
 
 from corpus import tiny_overrides
-from induction_jax.training import checkpoint, loop
 from induction_jax.base import config
+from induction_jax.data import dataset, evalset
 from induction_jax.model import model
+from induction_jax.training import checkpoint, loop
 
 TINY = "configs/cpu/tiny.yaml"
 TRAINED_STEP = 16
@@ -51,8 +52,9 @@ def random_run(root: Path, name: str, overrides: list[str], seed: int = 0) -> Pa
     """A run directory whose one snapshot (step 0) holds unit-scale random parameters."""
     cfg = config.load(TINY, tiny_overrides(root) + overrides)
     run_dir = root / name
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+    # What the trainer writes before its first snapshot: the eval set, then config.yaml.
+    es = evalset.from_prepared(dataset.prepare(cfg, progress=False), cfg.eval.exclude_common)
+    loop.record_config(run_dir, cfg, es)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):

@@ -11,35 +11,25 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from ..measures import ablation, composition, evaluate, heads
+from ..measures import ablation, composition, heads
 from ..training import checkpoint
+from . import records
 from .run import Run
 from .store import COMPOSITION, EVAL, ablation_name
 
 
 def analyze_snapshot(run: Run, step: int, params) -> None:
     """Stores the snapshot's per-token losses, ICL scores and head measures in the eval section."""
-    losses_NP = run.losses(params)
-    early, late = run.icl_indices
-    measures = run.measure_heads(params)
-    scores_LHM = np.stack([measures[m] for m in heads.MEASURES], axis=-1).astype(np.float32)
-    record = {
-        "tokens": run.tokens_at(step),
-        "eval_loss": float(losses_NP.mean()),
-        "icl": float(evaluate.icl_score(losses_NP, early, late)),
-        "icl_window": float(evaluate.icl_score(losses_NP, early, late, run.config.eval.icl_window)),
-        "max_prefix_matching": float(np.nanmax(measures["prefix_matching"])),
-    }
-    run.store.write(EVAL, step, record, {"per_token_loss": losses_NP.astype(np.float32), "head_scores": scores_LHM})
+    records.write_eval(run.store, step, run.tokens_at(step), run.losses_of(params), run.measures_of(params),
+                       run.icl_indices, run.config.eval.icl_window)
 
 
 def compose_snapshot(run: Run, step: int, params) -> None:
     """Stores the snapshot's composition scores [3, L, H, L, H] (composition.MODES) with the random baseline of
     the model's shapes."""
     cfg = run.config.model
-    scores = composition.composition_scores(params, cfg)
-    record = {"tokens": run.tokens_at(step), "baseline": composition.random_baseline(cfg.d_model, cfg.d_head)}
-    run.store.write(COMPOSITION, step, record, {"scores": scores})
+    records.write_composition(run.store, step, run.tokens_at(step), composition.composition_scores(params, cfg),
+                              composition.random_baseline(cfg.d_model, cfg.d_head))
 
 
 def _each_pending(run: Run, sections: str | list[str], steps, what: str, progress: bool, score) -> None:
@@ -76,10 +66,10 @@ def induction_heads(run: Run, step: int, params) -> np.ndarray:
     eval_cfg = run.config.eval
     copying = heads.copying_measure(eval_cfg)
     if step in run.store.steps(EVAL):
-        scores_LHM = run.store.read(EVAL, "head_scores", step)
+        scores_LHM = records.head_scores(run.store, step)
         prefix_LH, copying_LH = (scores_LHM[..., heads.MEASURES.index(m)] for m in ("prefix_matching", copying))
     else:
-        prefix_LH, copying_LH = run.measure_heads(params, ("prefix_matching", copying)).values()
+        prefix_LH, copying_LH = run.measures_of(params, ("prefix_matching", copying)).values()
     return heads.induction_heads(prefix_LH, copying_LH, eval_cfg)
 
 
@@ -95,7 +85,7 @@ def ablate_run(run: Run, steps=None, kind: str = "pattern", head_list: list[tupl
     head_list = head_list or [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
     masks_MLH = ablation.head_masks(head_list, cfg.n_layers, cfg.n_heads)
     section = ablation_name(kind, path, joint)
-    tokens_NL, random_index_N = run.eval_set()
+    tokens_NL, random_index_N = run.eval_set.tokens_NL, run.eval_set.random_index_N
 
     def ablate_snapshot(step: int, params) -> None:
         induction_LH = induction_heads(run, step, params)

@@ -4,7 +4,8 @@ the data cache nor a tokenizer.
 The trainer writes it before config.yaml: the windows every snapshot is scored on [N, L], each window's random
 token index [N], the hash the results store is keyed by, the BOS id, and the pool of token ids the randomised head
 evaluators draw from (the corpus's tokens between the `eval.exclude_common` most and least common; docs/method.md
-§4). A run directory without the file (written by an older version) gets the same eval set from the prepared data.
+§4). A run directory without the file (written by an older version) is refused: re-running the trainer on it
+writes the file.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..base import atomic
-from . import dataset
-from ..base.config import Config, UserError, first_line
+from ..base.config import CONFIG_FILE, Config, UserError, first_line
+from . import build
+from .dataset import Prepared
 
 FILE = "eval_set.npz"
 
@@ -33,7 +35,7 @@ class EvalSet:
     exclude: float  # the eval.exclude_common that chose the pool
 
 
-def from_prepared(prepared: dataset.Prepared, exclude: float) -> EvalSet:
+def from_prepared(prepared: Prepared, exclude: float) -> EvalSet:
     tokens_NL, index_N = prepared.eval_set()
     return EvalSet(tokens_NL, index_N, prepared.eval_hash, prepared.bos_id,
                    np.asarray(prepared.candidate_tokens(exclude), np.int32), float(exclude))
@@ -57,18 +59,26 @@ def load(run_dir: str | Path) -> EvalSet | None:
             es = EvalSet(f["tokens"].astype(np.int32), f["random_index"].astype(np.int32), str(f["eval_hash"]),
                          int(f["bos_id"]), f["pool"].astype(np.int32), float(f["exclude"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: unreadable eval set ({first_line(e)}); delete it to take the eval set from the "
-                        "prepared data") from None
-    if dataset.sha256_eval(es.tokens_NL, es.random_index_N) != es.eval_hash:
-        raise UserError(f"{path}: the eval set does not match its hash; delete it to take the eval set from the "
-                        "prepared data")
+        raise UserError(f"{path}: unreadable eval set ({first_line(e)}); {_rewrite(run_dir)}") from None
+    if build.sha256_eval(es.tokens_NL, es.random_index_N) != es.eval_hash:
+        raise UserError(f"{path}: the eval set does not match its hash; {_rewrite(run_dir)}")
     return es
 
 
-def for_run(run_dir: str | Path, cfg: Config, progress: bool = False) -> EvalSet:
-    """The run's stored eval set; without one (or with a pool for another `eval.exclude_common`), the same eval set
-    from the prepared data, which this prepares when the cache lacks it."""
+def _rewrite(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    return (f"re-run the trainer on the run with this version, which writes it (python -m induction_jax.train "
+            f"--config {run_dir / CONFIG_FILE} --run-dir {run_dir}), or retrain")
+
+
+def for_run(run_dir: str | Path, cfg: Config) -> EvalSet:
+    """The run's stored eval set, for `cfg` (the run's config.yaml). A run directory without one was written by
+    an earlier version, and one whose token pool is for another `eval.exclude_common` does not match its config:
+    both are refused in one line."""
     es = load(run_dir)
-    if es is not None and es.exclude == cfg.eval.exclude_common:
-        return es
-    return from_prepared(dataset.prepare(cfg, progress=progress), cfg.eval.exclude_common)
+    if es is None:
+        raise UserError(f"{run_dir}: no {FILE}: a run directory of an earlier version; {_rewrite(run_dir)}")
+    if es.exclude != cfg.eval.exclude_common:
+        raise UserError(f"{Path(run_dir) / FILE}: holds the token pool of eval.exclude_common={es.exclude:g}, "
+                        f"{CONFIG_FILE} has {cfg.eval.exclude_common:g}; {_rewrite(run_dir)}")
+    return es

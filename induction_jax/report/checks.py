@@ -1,54 +1,16 @@
 """The CPU demo's checks of the paper's Arguments 1, 2, 3 and 5, computed from measured results (PASS/FAIL with numbers).
 
-ICL improvement = ICL score at the first snapshot minus at the last (positive = the run learned to use context),
-using the ±window-averaged score (single indices are too noisy on a small eval set; docs/method.md §3).
+`demo_lines` builds every line of the demo's checks section from the three runs' results. ICL improvement and the
+phase-change window are analysis.results' (`improvement`, `best_window`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..measures import composition
+from ..analysis.results import RunResults, ablation_evidence, best_window, improvement, joint_pca, training_loss
+from ..measures import composition, heads
 from ..measures.ablation import PATHS
-from .markdown import RunResults
-
-
-def improvement(r: RunResults) -> float:
-    return float(r.icl_window[0] - r.icl_window[-1])
-
-
-def best_window(r: RunResults, max_share: float = 0.3, min_share: float = 0.6, pm_low: float = 0.2,
-                pm_high: float = 0.5) -> dict:
-    """Check 1 (a)'s window: among windows of snapshots spanning at most `max_share` of the training tokens that
-    hold at least `min_share` of the run's ICL improvement while max prefix matching rises from below `pm_low` to
-    above `pm_high` across them, the one holding the largest share (`qualifies` True); when none does, the
-    largest-share window of any kind (`qualifies` False). `largest` is always the largest-share window.
-
-    Not simply the largest-share window: windows one snapshot apart hold shares that differ by less than the ICL
-    score's noise (on the demo, the top three within 1.5 points), so which of them is largest, and the prefix
-    matching at its ends, would be decided by noise."""
-    t, icl = r.tokens, r.icl_window
-    total = improvement(r)
-    pm_S = np.nanmax(r.measure("prefix_matching").reshape(len(t), -1), axis=1)
-    span = max_share * (t[-1] - t[0]) if len(t) > 1 else 0.0
-
-    def window(i: int, j: int, share: float) -> dict:
-        return {"share": float(share), "i": i, "j": j, "start_tokens": float(t[i]), "end_tokens": float(t[j]),
-                "pm_start": float(pm_S[i]), "pm_end": float(pm_S[j]),
-                "span": float((t[j] - t[i]) / max(t[-1] - t[0], 1))}
-
-    largest, chosen = window(0, 0, float("-inf")), None
-    for i in range(len(t)):
-        for j in range(i + 1, len(t)):
-            if t[j] - t[i] > span + 1e-9:
-                break
-            share = (icl[i] - icl[j]) / total if total > 0 else 0.0
-            if share > largest["share"]:
-                largest = window(i, j, share)
-            if (share >= min_share and pm_S[i] < pm_low and pm_S[j] > pm_high
-                    and (chosen is None or share > chosen["share"])):
-                chosen = window(i, j, share)
-    return {**(chosen or largest), "qualifies": chosen is not None, "largest": largest}
 
 
 def _line(ok: bool, text: str) -> str:
@@ -342,4 +304,26 @@ def demo_checks(two: RunResults, one: RunResults, smeared: RunResults, ablation:
     lines.append(_check4(ablation, two.run.config.eval))
     lines += _share_info(ablation)
     lines += check5(two, w)
+    return lines
+
+
+def demo_lines(two: RunResults, one: RunResults, smeared: RunResults) -> list[str]:
+    """Every line of the demo's checks section, from the results of the 2-layer and 1-layer attention-only runs and
+    the 1-layer smeared-key run: checks 1-5 with their INFO lines (`demo_checks`), judged on the 2-layer run's
+    training loss (the bump within its constant learning rate), the joint PCA of the three runs (the pivot), its
+    ablations at the ends of check 1's window (the evidence), and the copying INFO lines of its last snapshot."""
+    w = best_window(two)
+    before, after = int(two.steps[w["i"]]), int(two.steps[w["j"]])
+    tok_tr, loss_tr, lr_tr = training_loss(two.run.path)
+    start, end = constant_lr_span(tok_tr, lr_tr)
+    bump = loss_bump(tok_tr, loss_tr, start, end)
+    proj, _ = joint_pca([two, one, smeared])
+    pivot = pca_pivot(two.tokens, proj[0], one.tokens, proj[1])
+    evidence = ablation_evidence(two, before, after)
+    lines = demo_checks(two, one, smeared, evidence, bump, pivot)
+    run2 = two.run
+    ranks = heads.copying_rank(run2.model, run2.params(int(two.steps[-1])), run2.config.eval,
+                               heads.pool_sampler(run2.eval_set.pool_P), run2.eval_set.bos_id,
+                               np.random.default_rng(run2.config.data.eval_seed + 1))
+    lines += copying_info(two, ranks, run2.config.model.vocab_size)
     return lines

@@ -1,7 +1,7 @@
 """Figures, tidy tables and report.md from the results stores of one or more analysed runs.
 
-The phase-change window of a run is where its ICL score changes fastest (see `detect_window`); no window is
-claimed when that fall is under `MIN_IMPROVEMENT` nats.
+The phase-change window a figure shades is the run's `RunResults.window`: check 1's (analysis/results.py,
+`best_window`).
 """
 
 from __future__ import annotations
@@ -11,108 +11,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..measures import ablation, composition, evaluate, heads
-from . import headplots, plots
-from ..training import metrics
+from ..analysis.results import (RunResults, ablated_paths, ablation_evidence, attribution, improvement, joint_pca,
+                                training_loss)
+from ..analysis.run import ANALYSIS_DIR, Run
+from ..analysis.store import ablation_name
+from ..base import atomic
 from ..base.config import UserError
+from ..measures import ablation, composition, evaluate, heads
 from ..measures.heads import MEASURES
-from ..analysis.run import Run
-from ..analysis.store import COMPOSITION, EVAL, ablation_name
+from . import headplots, plots
 
-MIN_IMPROVEMENT = 0.1  # nats: single-snapshot noise on a 256-window eval set is ~0.05
-LO, HI = 0.2, 0.8
-
-
-def detect_window(tokens_S, icl_S) -> dict | None:
-    """The phase-change window: around the steepest fall of the (3-snapshot smoothed) ICL score, from the first
-    snapshot that has made 20% of that fall to the first that has made 80%, the fall measured from the highest
-    score before the steepest point to the lowest after it — so an early transient (untrained models often start
-    with a positive ICL score that quickly drops to zero) does not stretch the window back to the start."""
-    tokens_S, icl_S = np.asarray(tokens_S, float), np.asarray(icl_S, float)
-    if len(icl_S) < 3 or not np.all(np.isfinite(icl_S)):
-        return None
-    smooth_S = np.convolve(np.pad(icl_S, 1, mode="edge"), np.ones(3) / 3, mode="valid")
-    k = int(np.argmin(np.diff(smooth_S)))  # steepest fall between snapshots k and k+1
-    top = int(np.argmax(smooth_S[: k + 1]))
-    bottom = k + 1 + int(np.argmin(smooth_S[k + 1:]))
-    total = smooth_S[top] - smooth_S[bottom]
-    if total < MIN_IMPROVEMENT:
-        return None
-    fall_S = smooth_S[top] - smooth_S
-    i1 = top + int(np.argmax(fall_S[top: bottom + 1] >= HI * total))
-    i0 = top + int(np.argmax(fall_S[top: bottom + 1] >= LO * total))
-    i0 = max(min(i0, i1) - 1, top)  # the last snapshot before the fall reaches 20%
-    return {"start_index": i0, "end_index": i1, "start_tokens": float(tokens_S[i0]),
-            "end_tokens": float(tokens_S[i1]), "steepest_tokens": float(np.sqrt(tokens_S[k] * tokens_S[k + 1])),
-            "total_improvement": float(total)}
-
-
-def training_loss(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens seen, training loss, learning rate) of every logged step, from metrics.jsonl."""
-    recs = [r for r in metrics.read(run_dir) if "loss" in r]
-    return (np.asarray([r["tokens_seen"] for r in recs], float), np.asarray([r["loss"] for r in recs], float),
-            np.asarray([r.get("lr", np.nan) for r in recs], float))
+REPORT_FILE = "report.md"
 
 
 def smooth(y: np.ndarray, n: int) -> np.ndarray:
     if len(y) < n or n < 2:
         return y
     return np.convolve(y, np.ones(n) / n, mode="valid")
-
-
-class RunResults:
-    """One run's analysed arrays (the eval section of its store), in step order; empty when nothing is analysed."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.name = run.name
-        recs = run.store.sorted_records(EVAL)
-        self.steps = np.array([r["step"] for r in recs], int)
-        self.tokens = np.array([r["tokens"] for r in recs], float)
-        self.icl = np.array([r["icl"] for r in recs], float)
-        self.icl_window = np.array([r["icl_window"] for r in recs], float)
-        self.eval_loss = np.array([r["eval_loss"] for r in recs], float)
-        self.window = detect_window(self.tokens, self.icl_window)
-        self.composition, self.composition_steps, self.composition_baseline = None, np.zeros(0, int), None
-        if not recs:
-            return
-        self.losses_SNP = run.store.read(EVAL, "per_token_loss")
-        self.scores_SLHM = run.store.read(EVAL, "head_scores")
-        random_index_N = run.eval_set()[1]
-        self.random_SN = np.stack([evaluate.random_token_view(x, random_index_N) for x in self.losses_SNP])
-        comp = run.store.sorted_records(COMPOSITION)
-        # Composition scores [S', 3, L, H, L, H] (composition.MODES) at the snapshots that have them (S' steps).
-        self.composition_steps = np.array([c["step"] for c in comp], int)
-        self.composition = run.store.read(COMPOSITION, "scores") if comp else None
-        self.composition_baseline = float(comp[-1]["baseline"]) if comp else None
-
-    def measure(self, name: str) -> np.ndarray:
-        return self.scores_SLHM[..., MEASURES.index(name)]
-
-    def composition_at(self, step: int, mode: str) -> np.ndarray | None:
-        """[L, H, L, H] scores of one mode (composition.MODES) at `step`, or None where none are stored."""
-        if self.composition is None or step not in self.composition_steps:
-            return None
-        return self.composition[list(self.composition_steps).index(step), composition.MODES.index(mode)]
-
-    def induction_mask(self, i: int = -1) -> np.ndarray:
-        eval_cfg = self.run.config.eval
-        return heads.induction_heads(self.measure("prefix_matching")[i],
-                                     self.measure(heads.copying_measure(eval_cfg))[i], eval_cfg)
-
-
-def joint_pca(results: list[RunResults]):
-    """PCA of the random-token loss vectors of every snapshot of every run: (per-run [S, 2], explained [2])."""
-    stacked = np.concatenate([r.random_SN for r in results]).astype(np.float64)
-    centred = stacked - stacked.mean(0, keepdims=True)
-    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
-    explained = (sv ** 2) / max((sv ** 2).sum(), 1e-12)
-    proj = centred @ vt[:2].T
-    out, i = [], 0
-    for r in results:
-        out.append(proj[i: i + len(r.steps)])
-        i += len(r.steps)
-    return out, explained[:2]
 
 
 def write_tables(r: RunResults, out: Path) -> None:
@@ -172,16 +87,17 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
                  f"first snapshot, {r.icl[-1]:+.3f} at the last.")
     if r.window:
         w = r.window
-        i0, i1 = w["start_index"], w["end_index"]
-        lines.append(f"- **Phase-change window**: {_fmt_tokens(w['start_tokens'])} – {_fmt_tokens(w['end_tokens'])}"
-                     f" tokens (steps {int(r.steps[i0])}–{int(r.steps[i1])}; {int(LO * 100)}–{int(HI * 100)}% of "
-                     f"the ICL improvement of {w['total_improvement']:.3f} nats, windowed ±"
-                     f"{eval_cfg.icl_window}); steepest near {_fmt_tokens(w['steepest_tokens'])} tokens. ICL "
-                     f"score before {r.icl[i0]:+.3f}, after {r.icl[i1]:+.3f}; max prefix matching "
-                     f"{np.nanmax(r.measure('prefix_matching')[i0]):.2f} → "
-                     f"{np.nanmax(r.measure('prefix_matching')[i1]):.2f}.")
+        i0, i1 = w["i"], w["j"]
+        lines.append(f"- **Phase-change window** (check 1's): {_fmt_tokens(w['start_tokens'])} – "
+                     f"{_fmt_tokens(w['end_tokens'])} tokens (steps {int(r.steps[i0])}–{int(r.steps[i1])}, "
+                     f"{w['span']:.0%} of training) hold {w['share']:.0%} of the ICL improvement of "
+                     f"{improvement(r):.3f} nats (windowed ±{eval_cfg.icl_window})"
+                     + ("" if w["qualifies"] else "; no short span holds most of it while prefix matching rises, "
+                        "so this is the span holding the largest share")
+                     + f". ICL score before {r.icl[i0]:+.3f}, after {r.icl[i1]:+.3f}; max prefix matching "
+                     f"{w['pm_start']:.2f} → {w['pm_end']:.2f}.")
     else:
-        lines.append(f"- No phase-change window: the ICL score never improved by {MIN_IMPROVEMENT} nats.")
+        lines.append("- No phase-change window: no span of the analysed snapshots holds any ICL improvement.")
     ind = r.induction_mask()
     pm, cp, ov = r.measure("prefix_matching")[-1], r.measure("copying")[-1], r.measure("ov_copying")[-1]
     pt, qk = r.measure("previous_token")[-1], r.measure("qk_trace")[-1]
@@ -245,60 +161,15 @@ def composition_lines(r: RunResults, fig: Path, rel: str) -> list[str]:
     return lines + [""]
 
 
-def ablation_evidence(r: RunResults, before: int | None, after: int | None, kind: str = "pattern") -> dict | None:
-    """What check 4 judges, at the last ablated snapshot: the induction heads; on every ablation path stored, each
-    head's share of the ±`eval.icl_window` ICL score removed with its bootstrap standard error, the share removed
-    by ablating the induction heads together, and each head's share of the phase change undone (before-and-after
-    attribution from step `before` to `after`, None without both); and, where the joint lanes were run, the
-    share each head adds when ablated together with the induction heads (paired standard error)."""
-    store = r.run.store
-    recs = store.sorted_records(ablation_name(kind, "total"))
-    if not recs:
-        return None
-    last = recs[-1]
-    step = int(last["step"])
-    labels = [f"{l}.{h}" for l, h in last["heads"]]
-    n = len(labels)
-    induction = last.get("induction") or r.induction_mask(list(r.steps).index(step)).tolist()
-    out = {"step": step, "labels": labels, "clean_icl_window": last["clean_icl_window"], "before": before,
-           "after": after, "induction": [lab for lab, (l, h) in zip(labels, last["heads"]) if induction[l][h]],
-           "paths": {}, "joint": None}
-    for path in ablation.PATHS:
-        sec = ablation_name(kind, path)
-        if step not in store.steps(sec):
-            continue
-        share, se = ablation.shares(store.read(sec, "delta_icl_window", step), store.read(sec, "icl_window", step))
-        att = attribution(r, before, after, step, n, kind, path)
-        out["paths"][path] = {"share": share[:n], "se": se[:n], "induction_share": float(share[n]),
-                              "induction_se": float(se[n]),
-                              "undone": None if att is None else att["fraction_undone"]}
-    joint = ablation_name(kind, "total", joint=True)
-    if step in store.steps(joint):
-        delta_MN = store.read(joint, "delta_icl_window", step)
-        added, se = ablation.shares(delta_MN[:n] - delta_MN[n][None], store.read(joint, "icl_window", step))
-        out["joint"] = {"added": added, "se": se}
-    return out
-
-
-def attribution(r: RunResults, before: int | None, after: int | None, step: int, n: int,
-                kind: str = "pattern", path: str = "total") -> dict | None:
-    """ablation.attribution of the first `n` lanes ablated at `step` along `path` against the training change of
-    the random-token losses from step `before` to `after`; None unless both are analysed."""
-    steps = list(r.steps)
-    if before not in steps or after not in steps:
-        return None
-    train_delta = r.random_SN[steps.index(after)] - r.random_SN[steps.index(before)]
-    return ablation.attribution(r.run.store.read(ablation_name(kind, path), "delta_random", step)[:n],
-                                train_delta)
-
-
 def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
                      before_after=(None, None)) -> list[str]:
     """Argument 3: each head's share of the ICL score removed (by path, with standard errors), the induction heads
-    together, and the before-and-after attribution, at the last ablated snapshot; a heat map over snapshots."""
-    recs = r.run.store.sorted_records(ablation_name(kind, "total"))
-    if not recs:
+    together, and the before-and-after attribution, at the last ablated snapshot; a heat map over the snapshots
+    ablated along the first of `ablated_paths` (the total path when there is one)."""
+    paths = ablated_paths(r.run, kind)
+    if not paths:
         return []
+    recs = r.run.store.sorted_records(ablation_name(kind, paths[0]))
     labels = [f"{l}.{h}" for l, h in recs[-1]["heads"]]
     tokens = np.array([x["tokens"] for x in recs], float)
     delta_icl = np.array([x["delta_icl"] for x in recs])
@@ -306,7 +177,7 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
                            title=f"{r.name}: {kind} ablation")
     before, after = before_after
     if before is None and r.window:
-        before, after = int(r.steps[r.window["start_index"]]), int(r.steps[r.window["end_index"]])
+        before, after = int(r.steps[r.window["i"]]), int(r.steps[r.window["j"]])
     ev = ablation_evidence(r, before, after, kind)
     last = recs[-1]
     paths = [p for p in ablation.PATHS if p in ev["paths"]]
@@ -355,22 +226,21 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
     return lines
 
 
-def write(runs: list[Run], out: Path | None = None, before_after=(None, None)) -> Path:
-    """Writes figures, tables and report.md from what the runs' stores hold (analysed snapshots, ablations or
-    both); returns the report's path."""
+def write(runs: list[Run], out: Path | None = None, before_after=(None, None), appendix: str = "") -> Path:
+    """Writes figures, tables and report.md (atomically, ending with `appendix`) from what the runs' stores hold
+    (analysed snapshots, ablations of any kind along any path, or both); returns the report's path."""
     results = [RunResults(run) for run in runs]
     analysed = [r for r in results if len(r.steps)]
-    shown = [r for r in results if len(r.steps) or
-             any(r.run.store.steps(ablation_name(kind)) for kind in ablation.KINDS)]
+    shown = [r for r in results if len(r.steps) or any(ablated_paths(r.run, kind) for kind in ablation.KINDS)]
     if not shown:
         raise UserError(f"{', '.join(str(run.path) for run in runs)}: nothing analysed or ablated yet")
-    out = Path(out) if out else (runs[0].analysis_dir if len(runs) == 1 else runs[0].path.parent / "analysis")
+    out = Path(out) if out else (runs[0].analysis_dir if len(runs) == 1 else runs[0].path.parent / ANALYSIS_DIR)
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
     for r in analysed:
         write_tables(r, r.run.store.dir)
     lines = ["# In-context learning and induction heads: report", ""]
-    lines.append(f"Runs: {', '.join(r.name for r in shown)}. Eval set hash `{runs[0].eval.eval_hash[:16]}`.")
+    lines.append(f"Runs: {', '.join(r.name for r in shown)}. Eval set hash `{runs[0].eval_set.eval_hash[:16]}`.")
     if analysed:
         early, late = analysed[0].run.icl_indices
         plots.icl_curve(fig / "icl", {r.name: (r.tokens, r.icl_window) for r in analysed},
@@ -391,6 +261,4 @@ def write(runs: list[Run], out: Path | None = None, before_after=(None, None)) -
             lines += run_section(r, fig, "figures")
         lines += ablation_section(r, fig, "figures", "pattern", before_after)
         lines += ablation_section(r, fig, "figures", "full", before_after)
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic.write(out / REPORT_FILE, "\n".join(lines) + "\n" + appendix)
