@@ -39,7 +39,7 @@ LOADER = """
 import json, resource, sys, time
 from induction_jax.data import dataset
 path, seq, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-loader = data.Loader(data.open_prepared(path), seq, batch, seed=0)
+loader = dataset.Loader(dataset.open_prepared(path), seq, batch, seed=0)
 loader.global_batch(0)
 t0 = time.perf_counter()
 for step in range(1, steps + 1):

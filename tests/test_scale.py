@@ -68,7 +68,7 @@ def test_fused_attention_shrinks_the_planned_step_and_the_cpu_compiler_undoes_re
     explicit = _planned_temps_mib(devices, ["model.attention=explicit", "model.remat=none"])
     fused = _planned_temps_mib(devices, ["model.attention=fused", "model.remat=none"])
     assert explicit - fused > 3 * PATTERN_MIB, (explicit, fused)  # about one pattern per layer
-    # What the plan prints for a CPU compile with remat on (plan.CPU_UNDOES_REMAT) must stay true.
+    # What the plan prints for a CPU compile with remat on (aot.CPU_UNDOES_REMAT) must stay true.
     block = _planned_temps_mib(devices, ["model.attention=fused", "model.remat=block"])
     assert abs(block - fused) < 0.1 * fused, (block, fused)
     r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward", "model.remat=block")

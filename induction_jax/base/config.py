@@ -21,7 +21,7 @@ POSITIONS = ("shortformer", "learned", "rotary", "none")
 COPYING_MEASURES = ("ov", "evaluator")  # eval.copying_measure: heads.ov_copying or heads.copying
 POS_TABLES = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
-ATTENTION = ("fused", "explicit")  # model.attention (induction_jax/attention.py)
+ATTENTION = ("fused", "explicit")  # model.attention (induction_jax/model/attention.py)
 ATTENTION_KERNELS = ("auto", "blocked", "dot_product", "splash")  # model.attention_kernel (attention.kernel_for)
 SPLASH_TILE = 128  # the splash kernel's blocks are multiples of this, so the context must be too
 REMAT = ("none", "block", "dots")  # model.remat: recompute nothing, each whole block, or all but its matmuls
@@ -67,7 +67,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     head_dim: int = 0  # 0 = d_model // n_heads; larger gives each head's OV circuit more rank than d_model allows
-    # The training loss's attention: fused (no T x T patterns kept; induction_jax/attention.py) or explicit.
+    # The training loss's attention: fused (no T x T patterns kept; induction_jax/model/attention.py) or explicit.
     # Everything that reads patterns (analysis, ablations, captures, probes) runs the explicit path either way.
     attention: str = "fused"
     # The fused path's kernel: auto (splash on TPU, jax.nn.dot_product_attention on GPU, blocked elsewhere) or one

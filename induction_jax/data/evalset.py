@@ -29,7 +29,7 @@ FILE = "eval_set.npz"
 class EvalSet:
     tokens_NL: np.ndarray  # int32
     random_index_N: np.ndarray  # int32, in 1..L-1
-    eval_hash: str  # data.sha256_eval of the two above
+    eval_hash: str  # build.sha256_eval of the two above
     bos_id: int
     pool_P: np.ndarray  # int32 token ids the head evaluators' random tokens are drawn from
     exclude: float  # the eval.exclude_common that chose the pool

@@ -3,7 +3,7 @@
 Every evaluator scores all heads of all layers at once (one forward pass per batch, head axes kept in the einsums)
 and returns float32 [n_layers, n_heads]. The randomised ones average over `eval_cfg.draws` draws of random tokens
 from a caller-supplied sampler `sample(rng, shape) -> int array` (rng: a numpy Generator), so a run's token pool
-(evalset.py), which leaves out the most and least common tokens of the corpus, plugs in; `uniform_sampler` is the
+(data/evalset.py), which leaves out the most and least common tokens of the corpus, plugs in; `uniform_sampler` is the
 plain default for tests and toy models. `score` computes any of the five measures of a snapshot (MEASURES).
 """
 

@@ -1,6 +1,6 @@
 """The pure train step and its abstract, sharded state.
 
-Shared by train.py (the loop) and plan.py (ahead-of-time compilation), so neither imports the other. The state is
+Shared by loop.py (the training loop) and aot.py (ahead-of-time compilation), so neither imports the other. The state is
 a dict {"params", "opt_state", "step"}; `step` counts optimizer updates already applied.
 """
 
