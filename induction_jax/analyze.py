@@ -1,9 +1,10 @@
 """`python -m induction_jax.analyze RUN_DIR [RUN_DIR ...]`: every committed snapshot x every probe, then report.
 
 Per snapshot: per-token losses on the fixed eval set, ICL score, and the head measures of every (layer, head),
-written to the run's results store (analysis/scoring.py, analysis/store.py). Re-running skips snapshots already analysed and picks
-up new ones of a run still training; a killed job loses at most the snapshot in flight. A snapshot that cannot be
-read is reported by path and skipped. With several runs, the report compares them (same eval set needed).
+written to the run's results store (analysis/scoring.py, analysis/store.py). Re-running skips snapshots already
+analysed and picks up new ones of a run still training; a killed job loses at most the snapshot in flight. A
+snapshot that cannot be read is reported by path and skipped. With several runs, the report compares them (same
+eval set needed).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def _analyzed(rd, steps=None) -> Run:
 def test_analyze_every_snapshot_and_write_report(run_dir, tmp_path):
     rd = _copy(run_dir, tmp_path)
     run = _analyzed(rd)
-    steps = run.store.sorted_steps(EVAL)
+    steps = sorted(run.store.steps(EVAL))
     assert steps == [4, 8, 12, 16, 20, 24]
     losses = run.store.read(EVAL, "per_token_loss")
     tokens_NL = run.eval_set.tokens_NL
@@ -104,7 +104,7 @@ def test_uncommitted_and_corrupted_snapshots(run_dir, tmp_path, capsys):
     # A truncated snapshot: reported by path and skipped; the job goes on.
     victim = max((rd / "snapshots" / "8").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
     victim.write_bytes(victim.read_bytes()[:10])
-    steps = _analyzed(rd).store.sorted_steps(EVAL)
+    steps = sorted(_analyzed(rd).store.steps(EVAL))
     assert 28 not in steps
     assert steps == [4, 12, 16, 20, 24]
     err = capsys.readouterr()
@@ -195,17 +195,17 @@ def test_ablate_run_every_path_evidence_and_report_section(run_dir, tmp_path):
     n_heads = cfg.n_layers * cfg.n_heads
     for path in ablation.PATHS:
         section = scoring.ablate_run(run, steps=[20, 24], path=path, progress=False)
-        assert section == ablation_name("pattern", path) and run.store.sorted_steps(section) == [20, 24]
+        assert section == ablation_name("pattern", path) and sorted(run.store.steps(section)) == [20, 24]
         rec = run.store.sorted_records(section)[-1]
         assert len(rec["delta_icl"]) == len(rec["delta_icl_window"]) == n_heads and "induction_delta_icl" in rec
         icl_N, delta_MN = run.store.read(section, "icl_window", 24), run.store.read(section, "delta_icl_window", 24)
         assert icl_N.shape == (n_examples,) and delta_MN.shape == (n_heads + 1, n_examples)
         np.testing.assert_allclose(delta_MN.mean(1)[:n_heads], rec["delta_icl_window"], atol=1e-6)
     assert scoring.ablate_run(run, steps=[20, 24], progress=False) and \
-        run.store.sorted_steps(ablation_name()) == [20, 24]  # done snapshots are not redone
+        sorted(run.store.steps(ablation_name())) == [20, 24]  # done snapshots are not redone
 
     joint = scoring.ablate_run(run, steps=[24], joint=True, progress=False)
-    assert joint == ablation_name("pattern", "total", joint=True) and run.store.sorted_steps(joint) == [24]
+    assert joint == ablation_name("pattern", "total", joint=True) and sorted(run.store.steps(joint)) == [24]
 
     r = results.RunResults(run)
     ev = results.ablation_evidence(r, 4, 24)
@@ -307,7 +307,7 @@ def test_ablate_command_scores_only_what_it_needs(run_dir, tmp_path, capsys):
     text = (rd / "analysis" / "report.md").read_text()
     assert "Argument 3" in text and "No snapshot is analysed yet" in text
     ablate_cmd("--steps", 24, "--before", 4, "--after", 24)
-    assert run.store.sorted_steps(EVAL) == [4, 24]
+    assert sorted(run.store.steps(EVAL)) == [4, 24]
     text = (rd / "analysis" / "report.md").read_text()
     assert "Before-and-after attribution, total path (training change from step 4 to 24" in text
     # The classification computed for the ablation alone is the one the full analysis stores.
@@ -361,7 +361,7 @@ def test_analyze_stores_composition_scores_and_fills_them_in_for_an_analysed_run
     (run.store.dir / f"{COMPOSITION}.index.json").unlink()
     scoring.analyze_run(run, [20, 24], progress=False)
     assert (run.store.dir / f"{EVAL}.index.json").read_text() == eval_index
-    assert run.store.sorted_steps(COMPOSITION) == [20, 24]
+    assert sorted(run.store.steps(COMPOSITION)) == [20, 24]
 
     r = results.RunResults(run)
     fig = tmp_path / "fig"

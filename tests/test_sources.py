@@ -70,7 +70,7 @@ def check_end_to_end(tmp_path, source, *extra):
     assert loop.train(cfg, out, progress=False)["step"] == 4
     run = Run(out)
     scoring.analyze_run(run, progress=False)
-    assert run.store.sorted_steps(store.EVAL) == [4]
+    assert sorted(run.store.steps(store.EVAL)) == [4]
     losses = run.store.read(store.EVAL, "per_token_loss")
     assert np.isfinite(losses).all() and 0 < losses.mean() < 10
 

@@ -104,8 +104,5 @@ class Store:
         data = np.asarray(arr[: len(idx["steps"])].read().result())
         return data[order]
 
-    def sorted_steps(self, section: str) -> list[int]:
-        return sorted(self.steps(section))
-
     def sorted_records(self, section: str) -> list[dict]:
         return sorted(self.records(section), key=lambda r: r["step"])

@@ -38,7 +38,8 @@ CACHE_ENV = "INDUCTION_JAX_CACHE"
 
 
 def cache_root(cfg: Config | None = None) -> Path:
-    """`data.cache_dir`, else $INDUCTION_JAX_CACHE, else ~/.cache/induction_jax (also where training/peak.py keeps its probe)."""
+    """`data.cache_dir`, else $INDUCTION_JAX_CACHE, else ~/.cache/induction_jax (also where training/peak.py keeps
+    its probe)."""
     root = (cfg.data.cache_dir if cfg else None) or os.environ.get(CACHE_ENV) or "~/.cache/induction_jax"
     return Path(root).expanduser()
 

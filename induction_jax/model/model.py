@@ -28,7 +28,8 @@ from .crossentropy import chunked_cross_entropy, unembed_cross_entropy
 
 # attn_inputs: what each layer's heads read, ln1's output (the residual stream itself without LayerNorm).
 CAPTURES = ("patterns", "head_results", "resid", "ln_scales", "attn_inputs")
-# Mesh axes that split the batch (training/sharding.py builds meshes with these names); activations are constrained to them.
+# Mesh axes that split the batch (training/sharding.py builds meshes with these names); activations are
+# constrained to them.
 BATCH_AXES = ("data", "fsdp")
 
 
