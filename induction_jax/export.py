@@ -26,7 +26,7 @@ import numpy as np
 
 from .analysis.run import Run
 from .base import cli, logs
-from .base.config import ModelConfig, UserError
+from .base.config import CONFIG_FILE, ModelConfig, UserError
 from .model.model import sinusoidal_table
 
 TL_REQUIREMENT = "transformer-lens>=3.9,<4"
@@ -104,7 +104,7 @@ def transformer_lens(run: Run, step: int, out: str | Path) -> Path:
     m = run.config.model
     why = unrepresentable(m)
     if why:
-        raise UserError(f"{run.path / 'config.yaml'}: {why}; nothing exported")
+        raise UserError(f"{run.path / CONFIG_FILE}: {why}; nothing exported")
     params = run.params(step)  # SnapshotError (one line) when the step has no committed snapshot
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
