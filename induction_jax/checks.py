@@ -265,6 +265,14 @@ def check5(two: RunResults, window: dict) -> list[str]:
                    f"{title}: at step {step}, each induction head's strongest K-composition partner below it "
                    f"({'; '.join(parts)}): (a) is a previous-token head (need > {PREVIOUS_TOKEN}); (b) composes at "
                    f">= {BASELINE_FACTOR:g}x the random baseline of the same shapes ({base:.3f}).")]
+    ceiling_LHLH = two.composition_at(step, "k", ceiling=True)
+    lines.append("INFO each partner's K-composition against its alignment ceiling (the score its two circuits "
+                 "would reach with their singular values, were their singular directions aligned; "
+                 f"{BASELINE_FACTOR:g}x the baseline as a share of it): " + "; ".join(
+                     f"{l1}.{h1} -> {l2}.{h2} {k_LHLH[l1, h1, l2, h2]:.3f} of {ceiling_LHLH[l1, h1, l2, h2]:.3f} "
+                     f"({k_LHLH[l1, h1, l2, h2] / ceiling_LHLH[l1, h1, l2, h2]:.0%}; "
+                     f"{BASELINE_FACTOR * base / ceiling_LHLH[l1, h1, l2, h2]:.0%})"
+                     for (l1, h1), (l2, h2) in partners) + ".")
     steps = list(two.composition_steps)
     i, j = int(two.steps[window["i"]]), int(two.steps[window["j"]])
     if i in steps and j in steps and len(steps) > 1:

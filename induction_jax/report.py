@@ -82,16 +82,19 @@ class RunResults:
         # Composition scores [S', 3, L, H, L, H] (composition.MODES) at the snapshots that have them (S' steps).
         self.composition_steps = np.array([c["step"] for c in comp], int)
         self.composition = run.store.read(COMPOSITION, "scores") if comp else None
+        self.composition_ceiling = run.store.read(COMPOSITION, "ceiling") if comp else None
         self.composition_baseline = float(comp[-1]["baseline"]) if comp else None
 
     def measure(self, name: str) -> np.ndarray:
         return self.scores_SLHM[..., MEASURES.index(name)]
 
-    def composition_at(self, step: int, mode: str) -> np.ndarray | None:
-        """[L, H, L, H] scores of one mode (composition.MODES) at `step`, or None where none are stored."""
+    def composition_at(self, step: int, mode: str, ceiling: bool = False) -> np.ndarray | None:
+        """[L, H, L, H] scores of one mode (composition.MODES) at `step`, or their alignment ceilings; None where
+        none are stored."""
         if self.composition is None or step not in self.composition_steps:
             return None
-        return self.composition[list(self.composition_steps).index(step), composition.MODES.index(mode)]
+        arr = self.composition_ceiling if ceiling else self.composition
+        return arr[list(self.composition_steps).index(step), composition.MODES.index(mode)]
 
     def induction_mask(self, i: int = -1) -> np.ndarray:
         eval_cfg = self.run.config.eval
@@ -234,12 +237,14 @@ def composition_lines(r: RunResults, fig: Path, rel: str) -> list[str]:
     pairs = [(l1, h1, l2, h2) for l2 in range(1, n_layers) for h2 in range(n_heads) for l1 in range(l2)
              for h1 in range(n_heads)]
     pairs.sort(key=lambda p: -scores["k"][p])
+    ceiling = r.composition_at(step, "k", ceiling=True)
     lines = [f"Composition scores at step {step} (Q/K/V: how much of what the writer writes the reader's queries, "
-             f"keys and values read; LayerNorm folded; random baseline {base:.3f} for every mode):", "",
-             "| writer → reader | Q | K | V |", "|---|---|---|---|"]
+             f"keys and values read; LayerNorm folded; random baseline {base:.3f} for every mode; K ceiling: the K "
+             f"score the two circuits would reach with their singular values, were their directions aligned):",
+             "", "| writer → reader | Q | K | V | K ceiling |", "|---|---|---|---|---|"]
     lines += [f"| {l1}.{h1} → {l2}.{h2}{' (induction)' if ind[l2, h2] else ''} | "
-              + " | ".join(f"{scores[m][l1, h1, l2, h2]:.3f}" for m in composition.MODES) + " |"
-              for l1, h1, l2, h2 in pairs]
+              + " | ".join(f"{scores[m][l1, h1, l2, h2]:.3f}" for m in composition.MODES)
+              + f" | {ceiling[l1, h1, l2, h2]:.3f} |" for l1, h1, l2, h2 in pairs]
     return lines + [""]
 
 

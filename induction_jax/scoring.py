@@ -33,12 +33,13 @@ def analyze_snapshot(run: Run, step: int, params) -> None:
 
 
 def compose_snapshot(run: Run, step: int, params) -> None:
-    """Stores the snapshot's composition scores [3, L, H, L, H] (composition.MODES) with the random baseline of
-    the model's shapes."""
+    """Stores the snapshot's composition scores and their alignment ceilings, [3, L, H, L, H] each
+    (composition.MODES), with the random baseline of the model's shapes."""
     cfg = run.config.model
-    scores = composition.composition_scores(params, cfg)
+    arrays = {"scores": composition.composition_scores(params, cfg),
+              "ceiling": composition.alignment_ceiling(params, cfg)}
     record = {"tokens": run.tokens_at(step), "baseline": composition.random_baseline(cfg.d_model, cfg.d_head)}
-    run.store.write(COMPOSITION, step, record, {"scores": scores})
+    run.store.write(COMPOSITION, step, record, arrays)
 
 
 def _each_pending(run: Run, sections: str | list[str], steps, what: str, progress: bool, score) -> None:
