@@ -53,6 +53,18 @@ def corpus_digest_note(prepared) -> str:
             f"install from {LOCK} (make demo) to reproduce the documented runs")
 
 
+def is_embedded(cfg) -> bool:
+    """Whether the demo reads its embedded corpus (the interpreter's own sources), the one with recorded digests."""
+    return tuple(cfg.data.sources) == ("python-stdlib",)
+
+
+def corpus_label(cfg) -> str:
+    """What the demo's corpus is, in words: the embedded one, or the sources a user named."""
+    if is_embedded(cfg):
+        return "the Python standard library" + (" and site-packages" if cfg.data.site_packages else "")
+    return ", ".join(cfg.data.sources)
+
+
 def _steps_done(run_dir: Path) -> int:
     """The last step logged in metrics.jsonl (read from the file's tail: it grows by a line per step)."""
     return max((rec.get("step", 0) for rec in metrics.tail(run_dir, 4096)), default=0)
@@ -184,13 +196,10 @@ def main(argv=None) -> int:
     out = args.out or Path("runs/demo" if not args.data_seed else f"runs/demo-seed-{args.data_seed}")
     cfg = config.load(RUNS["attn_only_2l"], args.overrides)
 
-    embedded = tuple(cfg.data.sources) == ("python-stdlib",)
-    corpus = ("the Python standard library" + (" and site-packages" if cfg.data.site_packages else "")
-              if embedded else ", ".join(cfg.data.sources))
-    print(f"1/4 preparing the corpus ({corpus})", flush=True)
+    print(f"1/4 preparing the corpus ({corpus_label(cfg)})", flush=True)
     prepared = dataset.prepare(cfg, progress=progress)
     print("    " + dataset.summary(prepared).replace("\n", "\n    "), flush=True)
-    if embedded:  # only the embedded corpus has a recorded digest to compare with
+    if is_embedded(cfg):  # only the embedded corpus has a recorded digest to compare with
         print("    " + corpus_digest_note(prepared), flush=True)
 
     print("2/4 training three models side by side (one single-threaded process per core)", flush=True)

@@ -115,8 +115,9 @@ class _Results:
     def induction_mask(self, i=-1):
         return (self._prefix[i] > 0.4) & (self._ov[i] > 0)
 
-    def composition_at(self, step, mode):
-        return self.composition[list(self.steps).index(step), "qkv".index(mode)]
+    def composition_at(self, step, mode, ceiling=False):
+        arr = np.full_like(self.composition, 0.5) if ceiling else self.composition
+        return arr[list(self.steps).index(step), "qkv".index(mode)]
 
 
 def _run(improvement=0.5, change_at=0.4, width=0.1, pm_after=0.7, n=41, **composition):
@@ -258,15 +259,17 @@ def test_check_4_reports_every_head_by_path_and_joint():
 ])
 def test_check_5_fails(change):
     line = next(line for line in _lines(two=_run(**change)) if line.startswith(("PASS 5", "FAIL 5")))
-    assert line.startswith("FAIL 5"), line
+    assert line.startswith("FAIL 5") and line.count(": no") == 1, line
 
 
 def test_check_5_names_the_partner_and_the_rise_inside_the_window():
     lines = _lines()
     five = next(line for line in lines if line.startswith("PASS 5"))
-    assert "1.1 <- 0.0: K-composition 0.400, 4.4x the baseline" in five, five
+    assert "1.1 <- 0.0 (K-composition 0.400 = 4.44x the baseline; previous-token score 0.80)" in five, five
     rise = next(line for line in lines if line.startswith("INFO K-composition over training"))
     assert "0.0 -> 1.1 0.050 -> 0.400" in rise and "of the rise" in rise, rise
+    ceiling = next(line for line in lines if line.startswith("INFO each partner's K-composition"))
+    assert "0.0 -> 1.1 0.400 of 0.500 (80%; 36%)" in ceiling, ceiling
     feeders = next(line for line in lines if line.startswith("INFO heads feeding"))
     assert feeders.endswith("none."), feeders
 

@@ -86,6 +86,9 @@ def test_aligned_rank_k_projections_score_one_over_sqrt_k_and_orthogonal_ones_ze
     scores = scores_of(params, cfg)
     np.testing.assert_allclose(scores[:, 0, 0, 1, 0], np.full(3, 1 / np.sqrt(k)), atol=TOL)
     np.testing.assert_allclose(scores[:, 0, 0, 1, 1], np.zeros(3), atol=TOL)
+    # Both pairs have the same singular values, so the same ceiling; the aligned one reaches it.
+    ceiling = composition.alignment_ceiling(params, cfg)
+    np.testing.assert_allclose(ceiling[:, 0, 0, 1, :2], np.full((3, 2), 1 / np.sqrt(k)), atol=TOL)
 
 
 def dense_reference(params: dict, cfg: ModelConfig) -> np.ndarray:
@@ -164,3 +167,33 @@ def test_random_baseline_matches_independent_simulation(d_model, d_head):
     ours = composition.random_baseline(d_model, d_head)
     stderr = sims.std(ddof=1) * np.sqrt(1 / draws + 1 / composition.BASELINE_DRAWS)
     assert abs(ours - sims.mean()) < 3 * stderr, (ours, sims.mean(), stderr)
+
+
+def test_alignment_ceiling_equals_the_dense_singular_value_bound_and_bounds_every_score():
+    """Von Neumann: |A B|_F^2 <= sum_i s_i(A)^2 s_i(B)^2 with both spectra descending; the dense circuits'
+    singular values (numpy, float64) give the same ceilings, and no score exceeds its ceiling."""
+    cfg = ModelConfig(n_layers=3, d_model=24, n_heads=3, head_dim=5, d_mlp=0, layer_norm=True, context=8,
+                      vocab_size=16)
+    params = jax.tree.map(lambda a: np.array(a, np.float64), random_model(cfg, seed=5))
+    d = cfg.d_model
+    centre = np.eye(d) - np.ones((d, d)) / d
+    circuits = {}
+    for layer in range(3):
+        block = params[f"block_{layer}"]
+        fold = centre @ np.diag(np.asarray(block["ln1"]["scale"], np.float64))
+        w = {name: np.asarray(block["attn"][name], np.float64) for name in ("W_Q", "W_K", "W_V", "W_O")}
+        for h in range(3):
+            circuits[layer, h] = {"qk": fold @ w["W_Q"][:, h] @ (fold @ w["W_K"][:, h]).T,
+                                  "ov": fold @ w["W_V"][:, h] @ w["W_O"][h] @ centre}
+    got = composition.alignment_ceiling(params, cfg)
+    scores = scores_of(params, cfg)
+    for (l1, h1), writer in circuits.items():
+        for (l2, h2), reader in circuits.items():
+            if l1 >= l2:
+                assert np.isnan(got[:, l1, h1, l2, h2]).all()
+                continue
+            for mode, right in (("q", reader["qk"]), ("k", reader["qk"].T), ("v", reader["ov"])):
+                sa, sb = np.linalg.svd(writer["ov"], compute_uv=False), np.linalg.svd(right, compute_uv=False)
+                want = np.sqrt((sa ** 2 * sb ** 2).sum()) / (np.linalg.norm(sa) * np.linalg.norm(sb))
+                np.testing.assert_allclose(got[MODE[mode], l1, h1, l2, h2], want, atol=TOL)
+                assert scores[MODE[mode], l1, h1, l2, h2] <= got[MODE[mode], l1, h1, l2, h2] + TOL

@@ -30,3 +30,12 @@ def test_ablation_steps_cover_before_during_and_after_the_window():
     assert picks[0] == 100 and picks[-1] == 4000
     assert 1000 in picks and 2200 in picks  # the snapshots just before and just after the window
     assert sum(1100 <= s <= 2100 for s in picks) >= 3
+
+
+def test_the_demo_names_the_corpus_it_reads_and_compares_digests_only_for_the_embedded_one():
+    from induction_jax.base import config
+    embedded = config.load(demo.RUNS["attn_only_2l"])
+    assert demo.is_embedded(embedded)
+    assert demo.corpus_label(embedded) == "the Python standard library and site-packages"
+    own = config.load(demo.RUNS["attn_only_2l"], ["data.sources=[/data/books, /data/more.jsonl]"])
+    assert not demo.is_embedded(own) and demo.corpus_label(own) == "/data/books, /data/more.jsonl"

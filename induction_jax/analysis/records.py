@@ -3,8 +3,8 @@ scoring writes them, Run and RunResults read them back.
 
 Eval section (store.EVAL): a record {step, tokens, eval_loss, icl, icl_window, max_prefix_matching} and the arrays
 `per_token_loss` [N, L-1] (column c = token index c+1) and `head_scores` [L, H, M] (M: heads.MEASURES). Composition
-section (store.COMPOSITION): a record {step, tokens, baseline} and the array `scores` [3, L, H, L, H]
-(composition.MODES).
+section (store.COMPOSITION): a record {step, tokens, baseline} and the arrays `scores` and `ceiling`
+[3, L, H, L, H] each (composition.MODES; composition.alignment_ceiling).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .store import COMPOSITION, EVAL, Store
 LOSSES = "per_token_loss"
 HEAD_SCORES = "head_scores"
 SCORES = "scores"
+CEILING = "ceiling"
 
 
 def write_eval(store: Store, step: int, tokens: int, losses_NP: np.ndarray, measures: dict[str, np.ndarray],
@@ -64,14 +65,16 @@ def head_scores(store: Store, step: int | None = None) -> np.ndarray:
     return store.read(EVAL, HEAD_SCORES, step)
 
 
-def write_composition(store: Store, step: int, tokens: int, scores: np.ndarray, baseline: float) -> None:
-    store.write(COMPOSITION, step, {"tokens": tokens, "baseline": baseline}, {SCORES: scores})
+def write_composition(store: Store, step: int, tokens: int, scores: np.ndarray, ceiling: np.ndarray,
+                      baseline: float) -> None:
+    store.write(COMPOSITION, step, {"tokens": tokens, "baseline": baseline}, {SCORES: scores, CEILING: ceiling})
 
 
-def read_composition(store: Store) -> tuple[np.ndarray, np.ndarray | None, float | None]:
-    """(steps [S'], scores [S', 3, L, H, L, H], random baseline) of the snapshots that have composition scores;
-    (empty, None, None) when none has."""
+def read_composition(store: Store) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, float | None]:
+    """(steps [S'], scores [S', 3, L, H, L, H], their alignment ceilings [S', 3, L, H, L, H], random baseline) of
+    the snapshots that have composition scores; (empty, None, None, None) when none has."""
     recs = store.sorted_records(COMPOSITION)
     if not recs:
-        return np.zeros(0, int), None, None
-    return np.array([r["step"] for r in recs], int), store.read(COMPOSITION, SCORES), float(recs[-1]["baseline"])
+        return np.zeros(0, int), None, None, None
+    return (np.array([r["step"] for r in recs], int), store.read(COMPOSITION, SCORES),
+            store.read(COMPOSITION, CEILING), float(recs[-1]["baseline"]))

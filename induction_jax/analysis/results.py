@@ -41,6 +41,7 @@ class RunResults:
             rec.steps, rec.tokens, rec.icl, rec.icl_window, rec.eval_loss)
         self.window = None
         self.composition, self.composition_steps, self.composition_baseline = None, np.zeros(0, int), None
+        self.composition_ceiling = None
         if not len(self.steps):
             return
         self.losses_SNP = records.losses(run.store)
@@ -48,18 +49,21 @@ class RunResults:
         random_index_N = run.eval_set.random_index_N
         self.random_SN = np.stack([evaluate.random_token_view(x, random_index_N) for x in self.losses_SNP])
         # Composition scores [S', 3, L, H, L, H] (composition.MODES) at the snapshots that have them (S' steps).
-        self.composition_steps, self.composition, self.composition_baseline = records.read_composition(run.store)
+        (self.composition_steps, self.composition, self.composition_ceiling,
+         self.composition_baseline) = records.read_composition(run.store)
         window = best_window(self)
         self.window = window if window["share"] > 0 else None
 
     def measure(self, name: str) -> np.ndarray:
         return self.scores_SLHM[..., heads.MEASURES.index(name)]
 
-    def composition_at(self, step: int, mode: str) -> np.ndarray | None:
-        """[L, H, L, H] scores of one mode (composition.MODES) at `step`, or None where none are stored."""
+    def composition_at(self, step: int, mode: str, ceiling: bool = False) -> np.ndarray | None:
+        """[L, H, L, H] scores of one mode (composition.MODES) at `step`, or their alignment ceilings; None where
+        none are stored."""
         if self.composition is None or step not in self.composition_steps:
             return None
-        return self.composition[list(self.composition_steps).index(step), composition.MODES.index(mode)]
+        arr = self.composition_ceiling if ceiling else self.composition
+        return arr[list(self.composition_steps).index(step), composition.MODES.index(mode)]
 
     def induction_mask(self, i: int = -1) -> np.ndarray:
         eval_cfg = self.run.config.eval

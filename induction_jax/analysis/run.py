@@ -153,8 +153,8 @@ class Run:
     def stored_composition_scores(self) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], float]:
         """Analysed composition scores: (steps [S], scores [S, 3, L, H, L, H], modes ("q", "k", "v"), random
         baseline). scores[s, m, l1, h1, l2, h2] is how much head l2.h2's queries, keys or values read what head
-        l1.h1 writes (NaN unless l1 < l2); docs/method.md §1.7."""
-        steps, scores, baseline = records.read_composition(self.store)
+        l1.h1 writes (NaN unless l1 < l2); docs/method.md §4.2. Their alignment ceilings are in the report."""
+        steps, scores, _, baseline = records.read_composition(self.store)
         if scores is None:
             raise UserError(f"{self.path}: no composition scores (a model of 2 or more layers gets them from "
                             f"python -m induction_jax.analyze {self.path})")

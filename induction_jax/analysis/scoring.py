@@ -25,10 +25,11 @@ def analyze_snapshot(run: Run, step: int, params) -> None:
 
 
 def compose_snapshot(run: Run, step: int, params) -> None:
-    """Stores the snapshot's composition scores [3, L, H, L, H] (composition.MODES) with the random baseline of
-    the model's shapes."""
+    """Stores the snapshot's composition scores and their alignment ceilings, [3, L, H, L, H] each
+    (composition.MODES), with the random baseline of the model's shapes."""
     cfg = run.config.model
     records.write_composition(run.store, step, run.tokens_at(step), composition.composition_scores(params, cfg),
+                              composition.alignment_ceiling(params, cfg),
                               composition.random_baseline(cfg.d_model, cfg.d_head))
 
 

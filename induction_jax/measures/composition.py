@@ -94,6 +94,37 @@ def composition_scores(params: dict, model_cfg: ModelConfig) -> np.ndarray:
     return np.where(earlier_LL[None, :, None, :, None], scores, np.nan).astype(np.float32)
 
 
+@jax.jit
+def _singular_values(q_GDE, k_GDE, v_GDE, o_GED):
+    """(OV [G, k], QK [G, k]) singular values of every head's two circuits, descending, from k x k or k x D
+    factors only (k = min(D, E)): with A = Q_A R_A, A B and R_A B share their singular values."""
+    r_v = jnp.linalg.qr(v_GDE, mode="r")
+    r_q, r_k = jnp.linalg.qr(q_GDE, mode="r"), jnp.linalg.qr(k_GDE, mode="r")
+    ov = jnp.linalg.svd(jnp.einsum("gae,ged->gad", r_v, o_GED), compute_uv=False)
+    qk = jnp.linalg.svd(jnp.einsum("gae,gbe->gab", r_q, r_k), compute_uv=False)
+    return ov, qk
+
+
+def alignment_ceiling(params: dict, model_cfg: ModelConfig) -> np.ndarray:
+    """float32 [3, L, H, L, H], laid out as `composition_scores`: the largest score each pair could reach with its
+    two circuits' singular values, were their singular directions aligned (von Neumann's trace inequality:
+    |A B|_F^2 <= sum_i s_i(A)^2 s_i(B)^2, both descending). A circuit spread over k equal directions scores at
+    most 1/sqrt(k), so a score is read against its ceiling as well as against the random baseline."""
+    f = _factors(params, model_cfg)
+    ov_GK, qk_GK = (np.asarray(a, np.float64) for a in _singular_values(f["Q"], f["K"], f["V"], f["O"]))
+    n_layers, n_heads = model_cfg.n_layers, model_cfg.n_heads
+
+    def ceiling(writer_GK, reader_GK):
+        w2, r2 = writer_GK ** 2, reader_GK ** 2
+        return np.sqrt(w2 @ r2.T) / np.sqrt(np.outer(w2.sum(1), r2.sum(1)))
+
+    readers = {"q": qk_GK, "k": qk_GK, "v": ov_GK}  # QK^T has QK's singular values
+    out = np.stack([ceiling(ov_GK, readers[m]) for m in MODES]).reshape(len(MODES), n_layers, n_heads, n_layers,
+                                                                          n_heads)
+    earlier_LL = np.arange(n_layers)[:, None] < np.arange(n_layers)[None, :]
+    return np.where(earlier_LL[None, :, None, :, None], out, np.nan).astype(np.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("d_model", "d_head", "draws"))
 def _baseline_draws(key, d_model: int, d_head: int, draws: int):
     a, b, c, d = jax.random.normal(key, (4, draws, d_model, d_head))

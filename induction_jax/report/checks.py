@@ -214,19 +214,27 @@ def check5(two: RunResults, window: dict) -> list[str]:
     induction = [(int(l), int(h)) for l, h in zip(*np.nonzero(ind_LH)) if l > 0]
     if not induction:
         return [_line(False, f"{title}: at step {step} no induction head above layer 0 to compose with.")]
-    ok_a = ok_b = True
-    parts, partners = [], []
+    parts, partners, prev_ok, base_ok = [], [], [], []
     for l2, h2 in induction:
         (l1, h1), score = composition.strongest_partner(k_LHLH, l2, h2)
         partners.append(((l1, h1), (l2, h2)))
-        ok_a &= bool(prev_LH[l1, h1] > PREVIOUS_TOKEN)
-        ok_b &= bool(score >= BASELINE_FACTOR * base)
-        parts.append(f"{l2}.{h2} <- {l1}.{h1}: K-composition {score:.3f}, {score / base:.1f}x the baseline; "
-                     f"previous-token score of {l1}.{h1} {prev_LH[l1, h1]:.2f}")
-    lines = [_line(ok_a and ok_b,
-                   f"{title}: at step {step}, each induction head's strongest K-composition partner below it "
-                   f"({'; '.join(parts)}): (a) is a previous-token head (need > {PREVIOUS_TOKEN}); (b) composes at "
-                   f">= {BASELINE_FACTOR:g}x the random baseline of the same shapes ({base:.3f}).")]
+        prev_ok.append(bool(prev_LH[l1, h1] > PREVIOUS_TOKEN))
+        base_ok.append(bool(score >= BASELINE_FACTOR * base))
+        parts.append(f"{l2}.{h2} <- {l1}.{h1} (K-composition {score:.3f} = {score / base:.2f}x the baseline; "
+                     f"previous-token score {prev_LH[l1, h1]:.2f})")
+    lines = [_line(all(prev_ok) and all(base_ok),
+                   f"{title}: at step {step}, each induction head's strongest K-composition partner below it: "
+                   f"{', '.join(parts)}; (a) is a previous-token head (need > {PREVIOUS_TOKEN}): "
+                   f"{'yes' if all(prev_ok) else 'no'}; (b) composes at >= {BASELINE_FACTOR:g}x the random baseline "
+                   f"of the same shapes ({base:.3f}): {'yes' if all(base_ok) else 'no'}.")]
+    ceiling_LHLH = two.composition_at(step, "k", ceiling=True)
+    lines.append("INFO each partner's K-composition against its alignment ceiling (the score its two circuits "
+                 "would reach with their singular values, were their singular directions aligned; "
+                 f"{BASELINE_FACTOR:g}x the baseline as a share of it): " + "; ".join(
+                     f"{l1}.{h1} -> {l2}.{h2} {k_LHLH[l1, h1, l2, h2]:.3f} of {ceiling_LHLH[l1, h1, l2, h2]:.3f} "
+                     f"({k_LHLH[l1, h1, l2, h2] / ceiling_LHLH[l1, h1, l2, h2]:.0%}; "
+                     f"{BASELINE_FACTOR * base / ceiling_LHLH[l1, h1, l2, h2]:.0%})"
+                     for (l1, h1), (l2, h2) in partners) + ".")
     steps = list(two.composition_steps)
     i, j = int(two.steps[window["i"]]), int(two.steps[window["j"]])
     if i in steps and j in steps and len(steps) > 1:

@@ -152,12 +152,14 @@ def composition_lines(r: RunResults, fig: Path, rel: str) -> list[str]:
     pairs = [(l1, h1, l2, h2) for l2 in range(1, n_layers) for h2 in range(n_heads) for l1 in range(l2)
              for h1 in range(n_heads)]
     pairs.sort(key=lambda p: -scores["k"][p])
+    ceiling = r.composition_at(step, "k", ceiling=True)
     lines = [f"Composition scores at step {step} (Q/K/V: how much of what the writer writes the reader's queries, "
-             f"keys and values read; LayerNorm folded; random baseline {base:.3f} for every mode):", "",
-             "| writer → reader | Q | K | V |", "|---|---|---|---|"]
+             f"keys and values read; LayerNorm folded; random baseline {base:.3f} for every mode; K ceiling: the K "
+             f"score the two circuits would reach with their singular values, were their directions aligned):",
+             "", "| writer → reader | Q | K | V | K ceiling |", "|---|---|---|---|---|"]
     lines += [f"| {l1}.{h1} → {l2}.{h2}{' (induction)' if ind[l2, h2] else ''} | "
-              + " | ".join(f"{scores[m][l1, h1, l2, h2]:.3f}" for m in composition.MODES) + " |"
-              for l1, h1, l2, h2 in pairs]
+              + " | ".join(f"{scores[m][l1, h1, l2, h2]:.3f}" for m in composition.MODES)
+              + f" | {ceiling[l1, h1, l2, h2]:.3f} |" for l1, h1, l2, h2 in pairs]
     return lines + [""]
 
 
