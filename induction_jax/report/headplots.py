@@ -314,7 +314,8 @@ def partner_curves(path, tokens_S, series: dict, baseline: float, window=None, t
     ax.axhline(baseline, color="0.4", lw=0.9, ls=":", label=f"random baseline ({baseline:.3f})")
     ax.axhline(2 * baseline, color="0.4", lw=0.9, ls="--", label="2x baseline")
     ax.set_xscale("log")
-    ax.set_ylim(0.0, 1.0)
+    finite = [np.nanmax(np.asarray(y, float)) for y in series.values() if np.isfinite(np.asarray(y, float)).any()]
+    ax.set_ylim(0.0, min(1.0, 1.25 * max(finite + [2.5 * baseline])))  # scores this small would hug an axis to 1
     ax.set_xlabel("training tokens")
     ax.set_ylabel("composition score")
     ax.set_title(title or "Composition with the strongest partner over training")

@@ -46,12 +46,17 @@ def loss_curve(path, tokens_S, loss_S, window=None, title: str = "", *, ylabel: 
     fig, ax = st.new_figure()
     st.shade(ax, window)
     ax.plot(tok, loss, color="C0", lw=1.6, marker="o" if tok.size <= 60 else None, ms=3, label="loss")
+    return _over_training(fig, ax, path, return_fig, ylabel, title or "Loss over training", "upper right", dropped)
+
+
+def _over_training(fig, ax, path, return_fig: bool, ylabel: str, title: str, legend_loc: str, dropped: int):
+    """Finishes and saves a curve over training tokens: log x, labels, grid, legend, the dropped-snapshot note."""
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel(ylabel)
-    ax.set_title(title or "Loss over training")
+    ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc=legend_loc)
     st.note_dropped(ax, (dropped, "snapshot(s)"))
     return st.save(fig, path, return_fig)
 
@@ -80,14 +85,9 @@ def icl_curve(path, runs: Mapping[str, tuple], window=None, indices: tuple[int, 
         ax.plot(tok, icl, color=color, lw=1.6, marker="o" if tok.size <= 60 else None, ms=3, label=name)
     ax.axhline(0.0, color="k", lw=0.8, ls=":")
     early, late = indices
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel(f"ICL score: loss@{late} − loss@{early} (nats)")
-    ax.set_title(title or "In-context learning score over training (lower = more in-context learning)")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="best")
-    st.note_dropped(ax, (total_dropped, "snapshot(s)"))
-    return st.save(fig, path, return_fig)
+    return _over_training(fig, ax, path, return_fig, f"ICL score: loss@{late} − loss@{early} (nats)",
+                          title or "In-context learning score over training (lower = more in-context learning)",
+                          "best", total_dropped)
 
 
 @st.styled
