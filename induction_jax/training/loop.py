@@ -11,17 +11,15 @@ other are named barriers with timeouts (sharding.barrier), so a lost worker ends
 from __future__ import annotations
 
 import collections
-import fcntl
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
 import jax
 from tqdm import tqdm
 
-from ..base import atomic, logs
+from ..base import atomic, cli, lock, logs
 from ..base import config as config_lib
 from ..base.config import Config, UserError, first_line
 from ..data import dataset, evalset
@@ -46,47 +44,21 @@ class DiskFullError(UserError):
 
 
 class RunLock:
-    """An exclusive flock on RUN_DIR/.lock, held for the whole run, so that two trainers never write the same run.
-
-    The kernel drops the lock when its holder dies, however it dies: a stale lock file never blocks a rerun. The
-    file holds the holder's PID and host, for the refusal message.
+    """An exclusive lock on RUN_DIR/.lock (base/lock.py), held for the whole run, so that two trainers never write
+    the same run. The kernel drops it when its holder dies, however it dies: a stale lock file never blocks a rerun.
     """
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / checkpoint.LOCK_FILE
-        self.fd = None
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock = lock.DirLock(run_dir / checkpoint.LOCK_FILE)
+        except lock.Held as e:
+            raise UserError(f"{run_dir}: in use by another trainer ({e.holder}); wait for it to finish or stop it, "
+                            "or choose another --run-dir") from None
         except OSError as e:
             raise UserError(f"{run_dir}: cannot write to the run directory ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise UserError(f"{run_dir}: in use by another trainer ({holder}); wait for it to finish or stop it, "
-                            "or choose another --run-dir") from None
-        except OSError:
-            pass  # a file system without locks (some FUSE mounts): nothing to protect the run with, so go on
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.fd = fd
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        # The holder writes its PID just after it takes the lock: give it a moment.
-        for _ in range(20):
-            text = os.pread(fd, 200, 0).decode(errors="replace").split()
-            if text:
-                return f"pid {text[0]}" + (f" on {text[1]}" if len(text) > 1 else "")
-            time.sleep(0.05)
-        return "a process that has not written its pid yet"
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
+        self._lock.release()
 
 
 def record_config(run_dir: Path, cfg: Config, es: evalset.EvalSet) -> None:
