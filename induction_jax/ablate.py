@@ -7,7 +7,6 @@ also analyse those two snapshots, whose per-token losses the before-and-after at
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .analysis import scoring
@@ -33,7 +32,7 @@ def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.ablate", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.ablate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
     parser.add_argument("--kind", choices=KINDS, default="pattern")

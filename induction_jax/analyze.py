@@ -21,7 +21,7 @@ from .report import markdown
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.analyze", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.analyze", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, help="results and report directory (default: RUN_DIR/analysis; "
                                                  "with several runs, the joint report goes to runs' parent)")

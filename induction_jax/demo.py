@@ -180,7 +180,7 @@ def ablation_steps(steps: list[int], window: dict | None, n: int = ABLATION_SNAP
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.demo", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="demo directory (default runs/demo, or runs/demo-seed-N with "
                                                  "--data-seed N)")
     parser.add_argument("--data-seed", type=int, metavar="N",

@@ -20,7 +20,7 @@ def default_run_dir(config_path: str | None) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.train", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.train", description=__doc__.splitlines()[0])
     cli.add_config_args(parser, default=DEFAULT_CONFIG)
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name>)")
     parser.add_argument("--override-config", action="store_true",

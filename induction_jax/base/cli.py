@@ -1,8 +1,9 @@
-"""Shared command-line plumbing: config arguments, the progress switch, and one-line reporting of user mistakes.
+"""Shared command-line plumbing: the parser, config arguments, the progress switch, and one-line reporting of user
+mistakes.
 
-Every command (`python -m induction_jax.{train,data,analyze,ablate,export,plan,demo}`) builds its parser with
-these helpers and runs its main through `run`, so a mistake reads the same everywhere: one line on stderr, exit
-status 2.
+Every command (`python -m induction_jax.{train,data,analyze,ablate,export,plan,demo}`) builds its parser as a
+`Parser` with these helpers and runs its main through `run`, so a mistake reads the same everywhere, a bad flag
+included: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from .config import Config, UserError, load
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in the one-line form of every other refusal, plus where the usage is, instead of
+    the usage block (which --help prints)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"error: {message} (see {self.prog} --help)", 2)
 
 
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
