@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-seed", type=int, metavar="N",
                         help="data order (data.seed) of all three models; the corpus, tokenizer, eval set and "
                              "initialisation stay the same")
-    cli.add_overrides(parser, help="applied to all three CPU configs, e.g. train.steps=2000")
+    cli.add_overrides(parser, help="applied to all three CPU configs, e.g. train.steps=3000")
     cli.add_progress_arg(parser)
     args = parser.parse_args(argv)
     progress = not args.no_progress
