@@ -75,6 +75,7 @@ def validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
     """Refuses a run directory made with another config (one line listing the differences) unless overridden,
     and a directory that is not a run directory. Every process checks before any writes: each sees the same
     directory and so raises the same error, instead of one failing alone while the others wait on it."""
+    cli.check_directory(run_dir, "choose another --run-dir")
     saved = run_dir / config_lib.CONFIG_FILE
     if saved.exists():
         old = config_lib.load(saved)
