@@ -53,10 +53,11 @@ def main(argv=None) -> int:
     ends = [s for s in (args.before, args.after) if s is not None]
     run.check_steps((args.steps or []) + ends)
     cli.check_writable(run.analysis_dir, "" if args.out else "; pass --out DIR to write them elsewhere")
-    scoring.ablate_run(run, args.steps, args.kind, head_list, progress=progress, path=args.path)
-    if ends:
-        scoring.analyze_run(run, ends, progress)
-    print(f"report: {markdown.write([run], args.out, before_after=(args.before, args.after))}")
+    with run.store.writing():  # the whole command: another analysis of the run is refused, not interleaved
+        scoring.ablate_run(run, args.steps, args.kind, head_list, progress=progress, path=args.path)
+        if ends:
+            scoring.analyze_run(run, ends, progress)
+        print(f"report: {markdown.write([run], args.out, before_after=(args.before, args.after))}")
     return 0
 
 

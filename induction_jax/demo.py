@@ -12,7 +12,7 @@ the report.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -207,6 +207,15 @@ def main(argv=None) -> int:
 
     print("3/4 analyzing every snapshot", flush=True)
     runs = {name: Run(out / name) for name in RUNS}
+    # The analysers train_all started have all exited, releasing their locks; from here to the report this process
+    # alone writes the three results directories.
+    with contextlib.ExitStack() as held:
+        for run in runs.values():
+            held.enter_context(run.store.writing())
+        return _analyse_ablate_report(out, runs, progress, t0)
+
+
+def _analyse_ablate_report(out: Path, runs: dict[str, Run], progress: bool, t0: float) -> int:
     for run in runs.values():
         scoring.analyze_run(run, progress=progress)
     results = {name: RunResults(run) for name, run in runs.items()}
