@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     cli.add_progress_arg(parser)
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    if args.before is not None and args.after is not None and args.before >= args.after:
+        raise UserError(f"--before {args.before} is not earlier than --after {args.after}: the attribution compares "
+                        "a snapshot before the phase change with one after it; swap them")
     logs.divert()
     run = Run(args.run_dir, args.out)
     cfg = run.config.model
