@@ -5,7 +5,7 @@ The loop itself is training/loop.py; this is its command line (single- and multi
 
 from __future__ import annotations
 
-import argparse
+import math
 import signal
 from pathlib import Path
 
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     if sharding.is_main_process():
         what = ("interrupted; saved at" if interrupted else "preempted; saved at") if out["preempted"] \
             else "finished at"
-        print(f"{what} step {out['step']} (loss {out['loss']:.4f}) in {run_dir}", flush=True)
+        loss = f" (loss {out['loss']:.4f})" if math.isfinite(out["loss"]) else ""  # none logged (metrics.jsonl gone)
+        print(f"{what} step {out['step']}{loss} in {run_dir}", flush=True)
     return 130 if interrupted else 0
 
 
