@@ -7,7 +7,6 @@ also analyse those two snapshots, whose per-token losses the before-and-after at
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .analysis import scoring
@@ -33,7 +32,7 @@ def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.ablate", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.ablate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
     parser.add_argument("--kind", choices=KINDS, default="pattern")
@@ -47,6 +46,9 @@ def main(argv=None) -> int:
     cli.add_progress_arg(parser)
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    if args.before is not None and args.after is not None and args.before >= args.after:
+        raise UserError(f"--before {args.before} is not earlier than --after {args.after}: the attribution compares "
+                        "a snapshot before the phase change with one after it; swap them")
     logs.divert()
     run = Run(args.run_dir, args.out)
     cfg = run.config.model
@@ -54,10 +56,11 @@ def main(argv=None) -> int:
     ends = [s for s in (args.before, args.after) if s is not None]
     run.check_steps((args.steps or []) + ends)
     cli.check_writable(run.analysis_dir, "" if args.out else "; pass --out DIR to write them elsewhere")
-    scoring.ablate_run(run, args.steps, args.kind, head_list, progress=progress, path=args.path)
-    if ends:
-        scoring.analyze_run(run, ends, progress)
-    print(f"report: {markdown.write([run], args.out, before_after=(args.before, args.after))}")
+    with run.store.writing():  # the whole command: another analysis of the run is refused, not interleaved
+        scoring.ablate_run(run, args.steps, args.kind, head_list, progress=progress, path=args.path)
+        if ends:
+            scoring.analyze_run(run, ends, progress)
+        print(f"report: {markdown.write([run], args.out, before_after=(args.before, args.after))}")
     return 0
 
 

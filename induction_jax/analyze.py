@@ -9,7 +9,7 @@ eval set needed).
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 from pathlib import Path
 
 from .analysis import scoring
@@ -21,7 +21,7 @@ from .report import markdown
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.analyze", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.analyze", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, help="results and report directory (default: RUN_DIR/analysis; "
                                                  "with several runs, the joint report goes to runs' parent)")
@@ -37,20 +37,25 @@ def main(argv=None) -> int:
         cli.check_writable(args.run_dirs[0].parent / ANALYSIS_DIR, "; pass --out DIR to write the joint report "
                                                                  "elsewhere")
     runs = []
-    for rd in args.run_dirs:
-        run = Run(rd, args.out / rd.name if (args.out and several) else args.out)
-        run.check_steps(args.steps)
-        cli.check_writable(run.analysis_dir, "" if args.out else "; pass --out DIR to write them elsewhere")
-        scoring.analyze_run(run, args.steps, progress)
-        if args.ablations:
-            scoring.ablate_run(run, steps=args.steps, progress=progress)
-        runs.append(run)
-    if len({run.eval_set.eval_hash for run in runs}) > 1:
-        raise UserError("runs use different eval sets (data configs); a joint report needs the same one")
-    if not args.no_report:
-        if not any(run.store.steps(EVAL) for run in runs):
-            raise UserError(f"{', '.join(map(str, args.run_dirs))}: nothing analysed (every snapshot was skipped)")
-        print(f"report: {markdown.write(runs, args.out)}")
+    # Each run's results directory stays locked until the report is written: another analysis of the same run is
+    # refused rather than interleaving its commits with this one's.
+    with contextlib.ExitStack() as held:
+        for rd in args.run_dirs:
+            run = Run(rd, args.out / rd.name if (args.out and several) else args.out)
+            run.check_steps(args.steps)
+            cli.check_writable(run.analysis_dir, "" if args.out else "; pass --out DIR to write them elsewhere")
+            held.enter_context(run.store.writing())
+            scoring.analyze_run(run, args.steps, progress)
+            if args.ablations:
+                scoring.ablate_run(run, steps=args.steps, progress=progress)
+            runs.append(run)
+        if len({run.eval_set.eval_hash for run in runs}) > 1:
+            raise UserError("runs use different eval sets (data configs); a joint report needs the same one")
+        if not args.no_report:
+            if not any(run.store.steps(EVAL) for run in runs):
+                raise UserError(f"{', '.join(map(str, args.run_dirs))}: nothing analysed (every snapshot was "
+                                "skipped)")
+            print(f"report: {markdown.write(runs, args.out)}")
     return 0
 
 

@@ -12,7 +12,7 @@ the report.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -180,13 +180,13 @@ def ablation_steps(steps: list[int], window: dict | None, n: int = ABLATION_SNAP
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.demo", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="demo directory (default runs/demo, or runs/demo-seed-N with "
                                                  "--data-seed N)")
     parser.add_argument("--data-seed", type=int, metavar="N",
                         help="data order (data.seed) of all three models; the corpus, tokenizer, eval set and "
                              "initialisation stay the same")
-    cli.add_overrides(parser, help="applied to all three CPU configs, e.g. train.steps=2000")
+    cli.add_overrides(parser, help="applied to all three CPU configs, e.g. train.steps=3000")
     cli.add_progress_arg(parser)
     args = parser.parse_args(argv)
     progress = not args.no_progress
@@ -207,6 +207,15 @@ def main(argv=None) -> int:
 
     print("3/4 analyzing every snapshot", flush=True)
     runs = {name: Run(out / name) for name in RUNS}
+    # The analysers train_all started have all exited, releasing their locks; from here to the report this process
+    # alone writes the three results directories.
+    with contextlib.ExitStack() as held:
+        for run in runs.values():
+            held.enter_context(run.store.writing())
+        return _analyse_ablate_report(out, runs, progress, t0)
+
+
+def _analyse_ablate_report(out: Path, runs: dict[str, Run], progress: bool, t0: float) -> int:
     for run in runs.values():
         scoring.analyze_run(run, progress=progress)
     results = {name: RunResults(run) for name, run in runs.items()}

@@ -17,7 +17,6 @@ never go through `process_weights_()`: README.md ("TransformerLens") and docs/tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -131,7 +130,7 @@ def _write(path: Path, write) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.export", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--step", type=int, required=True, help="the snapshot to export")
     parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/transformer_lens/step_N)")

@@ -12,7 +12,6 @@ arguments.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -33,9 +32,9 @@ def _rerun_with_cpu_devices(n: int, argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.plan", description=__doc__.splitlines()[0],
-                                     epilog="Example: python -m induction_jax.plan --config configs/full_40l.yaml "
-                                            "--topology v5p:8x8x16")
+    parser = cli.Parser(prog="python -m induction_jax.plan", description=__doc__.splitlines()[0],
+                        epilog="Example: python -m induction_jax.plan --config configs/full_40l.yaml "
+                               "--topology v5p:8x8x16")
     cli.add_config_args(parser, required=True)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--topology", help="TPU slice to compile for, e.g. v5e:16x16, v5p:4x4x4 (needs libtpu)")

@@ -5,7 +5,7 @@ The loop itself is training/loop.py; this is its command line (single- and multi
 
 from __future__ import annotations
 
-import argparse
+import math
 import signal
 from pathlib import Path
 
@@ -20,7 +20,7 @@ def default_run_dir(config_path: str | None) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.train", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.train", description=__doc__.splitlines()[0])
     cli.add_config_args(parser, default=DEFAULT_CONFIG)
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name>)")
     parser.add_argument("--override-config", action="store_true",
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     if sharding.is_main_process():
         what = ("interrupted; saved at" if interrupted else "preempted; saved at") if out["preempted"] \
             else "finished at"
-        print(f"{what} step {out['step']} (loss {out['loss']:.4f}) in {run_dir}", flush=True)
+        loss = f" (loss {out['loss']:.4f})" if math.isfinite(out["loss"]) else ""  # none logged (metrics.jsonl gone)
+        print(f"{what} step {out['step']}{loss} in {run_dir}", flush=True)
     return 130 if interrupted else 0
 
 

@@ -3,10 +3,13 @@ the head measures), the composition section (Q/K/V composition scores) and the h
 (docs/method.md §3-5).
 
 Both skip snapshots already stored and pick up new ones of a run still training; a killed job loses at most the
-snapshot in flight. A snapshot that cannot be read is reported by path and skipped.
+snapshot in flight. A snapshot that cannot be read is reported by path and skipped; one whose stored results do
+not match their digests is reported and analysed again. Both hold the results directory's lock while they write.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -33,16 +36,27 @@ def compose_snapshot(run: Run, step: int, params) -> None:
                               composition.random_baseline(cfg.d_model, cfg.d_head))
 
 
+def repair(run: Run, sections: list[str]) -> None:
+    """Drops from the store's indices the snapshots whose stored arrays do not match their digests, with a warning
+    each, so that they count as pending: a store damaged on disk, or by two analyses at once before the writer's
+    lock existed, is repaired by the next analysis rather than trusted."""
+    for section in sections:
+        for _, why in run.store.verify(section):
+            print(f"warning: {why}; analysing it again", file=sys.stderr, flush=True)
+
+
 def _each_pending(run: Run, sections: str | list[str], steps, what: str, progress: bool, score) -> None:
-    """score(step, params) for each committed snapshot (of `steps`) that one of `sections` lacks; a snapshot that
-    cannot be read is reported and skipped."""
+    """score(step, params) for each committed snapshot (of `steps`) that one of `sections` lacks, holding the
+    results directory's lock throughout; a snapshot that cannot be read is reported and skipped."""
     sections = [sections] if isinstance(sections, str) else sections
-    todo = sorted(set().union(*(run.pending_steps(section, steps) for section in sections)))
-    for step in tqdm(todo, desc=f"{what} {run.name}", unit="snapshot", disable=not progress):
-        try:
-            score(step, run.params(step))
-        except checkpoint.SnapshotError as e:
-            tqdm.write(f"skipped: {e}")
+    with run.store.writing():
+        repair(run, sections)
+        todo = sorted(set().union(*(run.pending_steps(section, steps) for section in sections)))
+        for step in tqdm(todo, desc=f"{what} {run.name}", unit="snapshot", disable=not progress):
+            try:
+                score(step, run.params(step))
+            except checkpoint.SnapshotError as e:
+                tqdm.write(f"skipped: {e}")
 
 
 def analyze_run(run: Run, steps=None, progress: bool = True) -> None:
@@ -50,12 +64,13 @@ def analyze_run(run: Run, steps=None, progress: bool = True) -> None:
     them. The two sections keep their own indices (a run analysed before composition scores existed gets just
     those), and a snapshot missing both is restored once."""
     sections = [EVAL] + ([COMPOSITION] if run.config.model.n_layers > 1 else [])
-    pending = {section: set(run.pending_steps(section, steps)) for section in sections}
 
     def score(step: int, params) -> None:
-        if step in pending[EVAL]:
+        # Asked per snapshot, not once before the loop: the pending steps are known only once the store has been
+        # verified, under the lock.
+        if step not in run.store.steps(EVAL):
             analyze_snapshot(run, step, params)
-        if step in pending.get(COMPOSITION, ()):
+        if COMPOSITION in sections and step not in run.store.steps(COMPOSITION):
             compose_snapshot(run, step, params)
 
     _each_pending(run, sections, steps, "analyze", progress, score)

@@ -1,14 +1,16 @@
-"""Shared command-line plumbing: config arguments, the progress switch, and one-line reporting of user mistakes.
+"""Shared command-line plumbing: the parser, config arguments, the progress switch, and one-line reporting of user
+mistakes.
 
-Every command (`python -m induction_jax.{train,data,analyze,ablate,export,plan,demo}`) builds its parser with
-these helpers and runs its main through `run`, so a mistake reads the same everywhere: one line on stderr, exit
-status 2.
+Every command (`python -m induction_jax.{train,data,analyze,ablate,export,plan,demo}`) builds its parser as a
+`Parser` with these helpers and runs its main through `run`, so a mistake reads the same everywhere, a bad flag
+included: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import tempfile
 import warnings
@@ -16,6 +18,14 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from .config import Config, UserError, load
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in the one-line form of every other refusal, plus where the usage is, instead of
+    the usage block (which --help prints)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"error: {message} (see {self.prog} --help)", 2)
 
 
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -48,6 +58,23 @@ def check_writable(directory: Path, hint: str = "") -> None:
         raise UserError(f"{directory}: cannot write results ({e.strerror}){hint}") from None
 
 
+def check_directory(path: Path, hint: str) -> None:
+    """Refuses in one line a path that cannot be a directory: a regular file, a dangling symlink, or one with a
+    component longer than the file system allows. A path that does not exist yet passes (it is created later)."""
+    try:
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{path}: a dangling symlink (to {os.readlink(path)}); create its target, remove the "
+                            f"link, or {hint}")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: is a file, not a directory; {hint}")
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+        raise UserError(f"{path}: the name {longest[:20]}... has {len(os.fsencode(longest))} bytes, more than the "
+                        f"file system allows (usually 255); {hint}") from None
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Runs a command's main; a UserError becomes one line on stderr and exit status 2, never a traceback."""
     try:
@@ -72,4 +99,6 @@ def _fail(line: str, status: int) -> NoReturn:
     sys.exit(status)
 
 
-_USER_FIXABLE = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# ENAMETOOLONG, ENOTDIR, EISDIR and ELOOP: a path the user gave that cannot name what it should.
+_USER_FIXABLE = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC),
+                 errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}

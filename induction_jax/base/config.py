@@ -165,6 +165,8 @@ class Config:
 
 def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
     """The YAML file and its `base:` ancestors (relative to each file), base-most first, as (path, dict)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file; name a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     if path.resolve() in seen:
@@ -205,6 +207,9 @@ def build(layers: Sequence[tuple[str, dict]] = (), overrides: Sequence[str] = ()
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"command line: {_one_line(e)}") from None
+        except yaml.YAMLError as e:  # from_dotlist parses each value as YAML and lets the parser's errors out
+            why = getattr(e, "problem", None) or first_line(e)
+            raise ConfigError(f"command line: {item!r}: the value is not valid YAML ({why})") from None
     source = layers[-1][0] if layers else "<defaults>"
     if overrides:
         source += " + command line"
@@ -293,6 +298,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("train.cooldown_steps", f"{t.cooldown_steps} must be between 0 and train.steps ({t.steps})")
     if t.cooldown_steps and t.decay != "constant":
         fail("train.cooldown_steps", f"applies to the constant schedule, not to decay={t.decay!r}")
+    if not t.lr > 0:  # also NaN
+        fail("train.lr", f"must be > 0, got {t.lr}")
     if t.resume_every < 1:
         fail("train.resume_every", f"must be >= 1, got {t.resume_every}")
     if t.log_every < 1:
@@ -309,6 +316,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     negative = [s for s in snap.steps if s < 0]
     if negative:
         fail("snapshots.steps", f"steps must be >= 0, got {negative}")
+    beyond = [s for s in snap.steps if s > t.steps]
+    if beyond:
+        one = len(beyond) == 1
+        fail("snapshots.steps", f"{beyond} {'is' if one else 'are'} beyond train.steps={t.steps}, so never taken; "
+             f"remove {'it' if one else 'them'} or raise train.steps")
+    for key, val in [("data.seed", cfg.data.seed), ("data.eval_seed", cfg.data.eval_seed)]:
+        if val < 0:  # numpy's seed sequences take no negative entropy: the first epoch or the eval set would fail
+            fail(key, f"must be >= 0, got {val}")
     if not 0 < cfg.data.eval_fraction < 1:
         fail("data.eval_fraction", f"{cfg.data.eval_fraction} must be strictly between 0 and 1")
     if not cfg.data.sources:

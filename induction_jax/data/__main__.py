@@ -6,7 +6,6 @@ cache (dataset.prepare) and prints what it holds.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from ..base import cli
@@ -14,7 +13,7 @@ from .dataset import prepare, summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m induction_jax.data", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m induction_jax.data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize data.sources into the cache (a no-op when already done)")
     cli.add_config_args(prep, required=True)

@@ -140,6 +140,8 @@ def _commit(state: dict, docs: sources.PieceDocs, name_files: dict) -> None:
         state[key] += getattr(docs, key)
     for name, n in docs.skipped_by_file.items():
         state["skipped_by_file"][name] = state["skipped_by_file"].get(name, 0) + n
+    for source, (n, path, kind) in docs.compressed.items():
+        state.setdefault("compressed", {}).setdefault(source, [0, path, kind])[0] += n
     for name, source in docs.used:  # a file may span pieces: count it once
         if name != state["last_file"]:
             state["files_read"] += 1
@@ -257,6 +259,11 @@ def _check_splits(cfg: Config, files: list[corpus.SourceFile], state: dict) -> N
         print(f"warning: data.sources: skipped {state['skipped']} record(s) without a string {d.text_field!r} "
               f"field ({where})", file=sys.stderr, flush=True)
     for src in dict.fromkeys(f.source for f in files):
+        compressed = state.get("compressed", {}).get(src)
+        if not state["per_source"].get(src) and compressed:
+            n, path, kind = compressed
+            raise ConfigError(f"data.sources: {src!r}: no readable text: {n} file(s) are compressed ({kind}), e.g. "
+                              f"{path}, and compressed files are not read; decompress them first")
         if not state["per_source"].get(src):
             raise ConfigError(f"data.sources: {src!r}: no readable text (binary, undecodable, empty, or records "
                               f"without a string {d.text_field!r} field)")

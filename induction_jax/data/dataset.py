@@ -44,6 +44,16 @@ def cache_root(cfg: Config | None = None) -> Path:
     return Path(root).expanduser()
 
 
+def _check_cache_root(cfg: Config, root: Path) -> None:
+    """Refuses in one line, naming the setting it came from, a cache root that cannot be a directory."""
+    setting = "data.cache_dir" if cfg.data.cache_dir else CACHE_ENV if os.environ.get(CACHE_ENV) else "the default"
+    if root.is_symlink() and not root.exists():
+        raise ConfigError(f"{setting}: {root}: a dangling symlink (to {os.readlink(root)}); create its target or "
+                          "point the cache at a directory")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{setting}: {root}: is a file, not a directory; point the cache at a directory")
+
+
 def eval_length(cfg: Config) -> int:
     """Eval windows are the model's context when that is shorter than `data.eval_length` (docs/method.md §3)."""
     return min(cfg.data.eval_length, cfg.model.context)
@@ -131,6 +141,7 @@ def prepare(cfg: Config, progress: bool = True) -> Prepared:
     """Builds (or finds, or resumes) the prepared data for `cfg`; a second call with the same inputs only hashes
     the sources to find the cached directory."""
     corpus.check_vocab(cfg.model.vocab_size)
+    _check_cache_root(cfg, cache_root(cfg))  # before the sources are hashed, which may take long
     if cfg.data.eval_examples < 1:
         raise ConfigError(f"data.eval_examples: must be >= 1, got {cfg.data.eval_examples}")
     user_tok = corpus.load_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size) if cfg.data.tokenizer else None

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..base.config import ConfigError, DataConfig
+from ..base.config import ConfigError, DataConfig, first_line
 from .corpus import SourceFile, held_out
 
 PIECE_BYTES = 16 << 20  # source bytes per piece: bounds a worker's memory and the work a kill loses
@@ -56,6 +57,7 @@ class PieceDocs:
     skipped: int = 0  # records without a string text field
     skipped_by_file: dict[str, int] = field(default_factory=dict)
     used: list[tuple[str, str]] = field(default_factory=list)  # (file, source) of files that gave a document
+    compressed: dict[str, list] = field(default_factory=dict)  # source -> [files, the first's path, format]
 
     def add(self, f: SourceFile, name: str, doc: str, eval_fraction: float) -> None:
         if not doc:
@@ -94,6 +96,17 @@ def _check_column(f: SourceFile, schema, column: str) -> None:
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         raise ConfigError(f"data.sources: {f.path}: column {column!r} (data.text_field) holds {kind}, not text")
+
+
+def _parquet_file(f: SourceFile):
+    """The opened parquet file; a damaged one (a truncated download, another format) is refused in one line rather
+    than skipped: it may hold most of the corpus, and training on what is left would go unnoticed."""
+    pa = _pyarrow(f)
+    try:
+        return pa.parquet.ParquetFile(f.path)
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"data.sources: {f.path}: not a readable parquet file ({first_line(e)}); fetch it again or "
+                          "remove it from the sources") from None
 
 
 def _arrow_batches(f: SourceFile):
@@ -235,7 +248,7 @@ def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id:
             pieces += _token_pieces(f, eod_id, piece_bytes)
         elif f.kind == "parquet":
             flush()
-            meta = _pyarrow(f).parquet.ParquetFile(f.path)
+            meta = _parquet_file(f)
             _check_column(f, meta.schema_arrow, cfg.text_field)
             groups = [meta.metadata.row_group(i) for i in range(meta.num_row_groups)]
             pieces += _group(f, [(g.num_rows, g.total_byte_size) for g in groups], piece_bytes)
@@ -258,7 +271,21 @@ def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id:
     return pieces
 
 
+# Magic numbers of compressed files, which are skipped like other binary files but named when a source holds
+# nothing else (bzip2's block header follows its level digit).
+_COMPRESSED = (("gzip", re.compile(rb"\x1f\x8b")), ("bzip2", re.compile(rb"BZh[1-9]1AY&SY")),
+               ("xz", re.compile(rb"\xfd7zXZ\x00")), ("zstd", re.compile(rb"\x28\xb5\x2f\xfd")),
+               ("zip", re.compile(rb"PK\x03\x04")))
+
+
 def _read_text(f: SourceFile, raw: bytes, offset: int, whole: bool, cfg: DataConfig, out: PieceDocs) -> None:
+    if offset == 0:
+        kind = next((name for name, magic in _COMPRESSED if magic.match(raw)), None)
+        if kind:
+            out.binary += 1
+            seen = out.compressed.setdefault(f.source, [0, f.path, kind])
+            seen[0] += 1
+            return
     # NUL bytes never occur in text, and mark the binary files a directory source sweeps up.
     if b"\0" in raw:
         out.binary += 1
@@ -289,19 +316,23 @@ def _read_text(f: SourceFile, raw: bytes, offset: int, whole: bool, cfg: DataCon
 def _read_records(piece: Piece, cfg: DataConfig, out: PieceDocs) -> None:
     f = piece.files[0]
     if f.kind == "parquet":
-        batches = _pyarrow(f).parquet.ParquetFile(f.path).iter_batches(
+        batches = _parquet_file(f).iter_batches(
             batch_size=4096, row_groups=list(range(piece.start, piece.stop)), columns=[cfg.text_field])
     else:
         reader, count = _arrow_batches(f)
         batches = _iter_arrow(reader, count, piece.start, piece.stop)
     row = piece.first_row
-    for batch in batches:
-        for value in batch.column(cfg.text_field).to_pylist():
-            if isinstance(value, str):
-                out.add(f, f"{f.name}#{row}", value, cfg.eval_fraction)
-            else:
-                out.skip(f)
-            row += 1
+    try:
+        for batch in batches:
+            for value in batch.column(cfg.text_field).to_pylist():
+                if isinstance(value, str):
+                    out.add(f, f"{f.name}#{row}", value, cfg.eval_fraction)
+                else:
+                    out.skip(f)
+                row += 1
+    except (_pyarrow(f).ArrowException, OSError) as e:  # a damaged row group or record batch past the footer
+        raise ConfigError(f"data.sources: {f.path}: unreadable {f.kind} file at row {row} ({first_line(e)}); fetch it "
+                          "again or remove it from the sources") from None
 
 
 def _read_tokens(piece: Piece, cfg: DataConfig, vocab: int, eod_id: int, out: PieceDocs) -> None:

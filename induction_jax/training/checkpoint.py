@@ -115,6 +115,19 @@ def all_finite(tree: Any) -> bool:
     return bool(np.asarray(_finite(leaves).addressable_data(0)))
 
 
+@jax.jit
+def _norm(leaves):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def norm(tree: Any) -> float:
+    """The global L2 norm of `tree`'s float arrays (one reduction on the devices, like `all_finite`)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return 0.0
+    return float(np.asarray(_norm(leaves).addressable_data(0)))
+
+
 def disk_full(e: BaseException | None) -> bool:
     """Whether `e` (or an exception it was raised from) is a full disk. Tensorstore reports it as a ValueError
     naming the OS error code, not as an OSError."""
@@ -232,6 +245,15 @@ class ResumeCheckpointer(_Managed):
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def extra(self, step: int) -> dict:
+        """The small JSON dict saved with step `step`, read without the state; empty when it cannot be read."""
+        try:
+            with logs.diverted():
+                restored = self._manager.restore(step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
+        except Exception:  # noqa: BLE001 - only ever a detail of a message about another failure
+            return {}
+        return dict(restored[_EXTRA] or {})
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state, extra) of step `step`, each array placed on the sharding of its jax.ShapeDtypeStruct in

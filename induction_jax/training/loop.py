@@ -11,17 +11,15 @@ other are named barriers with timeouts (sharding.barrier), so a lost worker ends
 from __future__ import annotations
 
 import collections
-import fcntl
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
 import jax
 from tqdm import tqdm
 
-from ..base import atomic, logs
+from ..base import atomic, cli, lock, logs
 from ..base import config as config_lib
 from ..base.config import Config, UserError, first_line
 from ..data import dataset, evalset
@@ -46,47 +44,21 @@ class DiskFullError(UserError):
 
 
 class RunLock:
-    """An exclusive flock on RUN_DIR/.lock, held for the whole run, so that two trainers never write the same run.
-
-    The kernel drops the lock when its holder dies, however it dies: a stale lock file never blocks a rerun. The
-    file holds the holder's PID and host, for the refusal message.
+    """An exclusive lock on RUN_DIR/.lock (base/lock.py), held for the whole run, so that two trainers never write
+    the same run. The kernel drops it when its holder dies, however it dies: a stale lock file never blocks a rerun.
     """
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / checkpoint.LOCK_FILE
-        self.fd = None
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock = lock.DirLock(run_dir / checkpoint.LOCK_FILE)
+        except lock.Held as e:
+            raise UserError(f"{run_dir}: in use by another trainer ({e.holder}); wait for it to finish or stop it, "
+                            "or choose another --run-dir") from None
         except OSError as e:
             raise UserError(f"{run_dir}: cannot write to the run directory ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise UserError(f"{run_dir}: in use by another trainer ({holder}); wait for it to finish or stop it, "
-                            "or choose another --run-dir") from None
-        except OSError:
-            pass  # a file system without locks (some FUSE mounts): nothing to protect the run with, so go on
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.fd = fd
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        # The holder writes its PID just after it takes the lock: give it a moment.
-        for _ in range(20):
-            text = os.pread(fd, 200, 0).decode(errors="replace").split()
-            if text:
-                return f"pid {text[0]}" + (f" on {text[1]}" if len(text) > 1 else "")
-            time.sleep(0.05)
-        return "a process that has not written its pid yet"
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
+        self._lock.release()
 
 
 def record_config(run_dir: Path, cfg: Config, es: evalset.EvalSet) -> None:
@@ -103,6 +75,7 @@ def validate_run_dir(run_dir: Path, cfg: Config, override: bool) -> None:
     """Refuses a run directory made with another config (one line listing the differences) unless overridden,
     and a directory that is not a run directory. Every process checks before any writes: each sees the same
     directory and so raises the same error, instead of one failing alone while the others wait on it."""
+    cli.check_directory(run_dir, "choose another --run-dir")
     saved = run_dir / config_lib.CONFIG_FILE
     if saved.exists():
         old = config_lib.load(saved)
@@ -134,6 +107,48 @@ def _check_snapshots_fit(run_dir: Path, cfg: Config) -> None:
                         "config's model; config.yaml is unchanged; train the new model in another --run-dir")
 
 
+# Settings that leave the parameters' trajectory as it was: a snapshot taken under the old value is one the new
+# config would take too. train.steps joins them when the schedule does not depend on it (see _trajectory_diff).
+_SAME_TRAJECTORY = {"train.log_every", "train.probe_every", "train.probe_examples", "train.resume_every",
+                    "data.cache_dir", "data.workers"}
+_SAME_TRAJECTORY_SECTIONS = ("snapshots.", "eval.", "mesh.")
+
+
+def _trajectory_diff(old: Config, new: Config) -> list[str]:
+    """The differences between two configs that change the parameters at a given step."""
+    steps_matter = any(c.train.decay != "constant" or c.train.cooldown_steps for c in (old, new))
+    return [d for d in config_lib.diff(old, new)
+            if not (d.split(":")[0] in _SAME_TRAJECTORY or d.startswith(_SAME_TRAJECTORY_SECTIONS)
+                    or (d.startswith("train.steps:") and not steps_matter))]
+
+
+def _steps_text(directory: Path, steps: list[int]) -> str:
+    """Paths of a checkpoint directory's steps, brace-expanded as a shell would take them."""
+    if len(steps) == 1:
+        return f"{directory}/{steps[0]}"
+    if len(steps) > 12:
+        return f"{directory}/N for every N > {steps[0] - 1}"
+    return f"{directory}/{{{','.join(map(str, steps))}}}"
+
+
+def _check_one_trajectory(run_dir: Path, cfg: Config, start: int) -> None:
+    """Refuses to train from `start` under a config that changes the trajectory when snapshots beyond `start`
+    exist: they were trained under the old config, and the run would hold two trajectories, silently (the new one
+    skips the steps already saved). Under the same config the run retraces them, so they stay."""
+    saved = run_dir / config_lib.CONFIG_FILE
+    later = [s for s in checkpoint.committed_steps(run_dir / checkpoint.SNAPSHOTS_DIR) if s > start]
+    if not later or not saved.exists():
+        return
+    changed = _trajectory_diff(config_lib.load(saved), cfg)
+    if not changed:
+        return
+    where = f"step {start}, where this run resumes" if start else "step 0, where this run starts (no resume state)"
+    raise UserError(f"{run_dir}: snapshot(s) {', '.join(map(str, later))} lie beyond {where}, and were trained "
+                    f"with another config ({'; '.join(changed)}); training on would put two trajectories in one "
+                    f"run directory: delete {_steps_text(run_dir / checkpoint.SNAPSHOTS_DIR, later)} to train "
+                    "them again with the new config, or choose another --run-dir")
+
+
 def _restore(resume: checkpoint.ResumeCheckpointer, step: int, trainer, run_dir: Path):
     """The resume state, checked: one that does not fit the config (after --override-config) or holds NaN is
     refused in one line, before config.yaml is touched."""
@@ -150,6 +165,12 @@ def _restore(resume: checkpoint.ResumeCheckpointer, step: int, trainer, run_dir:
     return state, extra
 
 
+def _logged_loss(run_dir: Path, step: int) -> float:
+    """The training loss metrics.jsonl holds for `step` (NaN when it holds none)."""
+    return next((float(r["loss"]) for r in reversed(metrics.tail(run_dir)) if r.get("step") == step and "loss" in r),
+                float("nan"))
+
+
 def _last_good(run_dir: Path) -> str:
     """What a rerun starts from, from the directories themselves (pending saves already waited for)."""
     snaps = checkpoint.committed_steps(run_dir / checkpoint.SNAPSHOTS_DIR)
@@ -158,6 +179,63 @@ def _last_good(run_dir: Path) -> str:
     state = (f"the last good resume checkpoint is step {states[-1]}, where a rerun resumes" if states
              else "no resume checkpoint is saved, so a rerun starts from step 0")
     return f"{snap}; {state}"
+
+
+# A checkpoint whose loss is more than this many times the run's best logged loss has diverged; so has one whose
+# root-mean-square parameter exceeds DIVERGED_RMS when its loss was not logged (a healthy model's are O(1)).
+DIVERGED_LOSS_RATIO = 2.0
+DIVERGED_RMS = 100.0
+
+
+def _diverged_advice(run_dir: Path, resume: checkpoint.ResumeCheckpointer, state_loss: dict[int, float],
+                     best: float, n_params: int) -> str:
+    """What a user can do after a divergence: which resume checkpoint is sound, judged by its loss (logged one step
+    after it) against the run's best logged loss and by its parameter norm; which files to delete; or to start over.
+    `state_loss` has this session's losses of saved states, by step; metrics.jsonl has the earlier sessions'."""
+    logged = {r["step"]: r["loss"] for r in metrics.read(run_dir) if isinstance(r.get("loss"), (int, float))}
+    best = min([best] + [v for v in logged.values() if math.isfinite(v)])
+
+    def judged(step: int) -> tuple[bool, str]:
+        loss = state_loss.get(step, logged.get(step + 1))
+        norm = resume.extra(step).get("param_norm")
+        facts = [f"loss {loss:.4g}" if loss is not None else "loss not logged"]
+        if norm is not None:
+            facts.append(f"parameter norm {norm:.3g}")
+        if loss is not None:
+            sound = loss <= DIVERGED_LOSS_RATIO * best  # False for NaN
+        else:
+            sound = norm is None or norm / math.sqrt(max(n_params, 1)) <= DIVERGED_RMS
+        if math.isfinite(best):
+            facts.append(f"the run's best logged loss {best:.4g}")
+        return sound, "; ".join(facts)
+
+    snaps_dir, state_dir = run_dir / checkpoint.SNAPSHOTS_DIR, run_dir / checkpoint.STATE_DIR
+    snaps = checkpoint.committed_steps(snaps_dir)
+    states = checkpoint.committed_steps(state_dir)
+    retry = "a lower train.lr or a longer warm-up (train.warmup_steps)"
+    if not states:
+        fresh = (f"delete {snaps_dir} and rerun" if snaps else "rerun") + f" with {retry} and --override-config"
+        return f"no resume checkpoint is saved; start over: {fresh}, or train in another --run-dir"
+    last = states[-1]
+    sound, facts = judged(last)
+    if sound:
+        later = [s for s in snaps if s > last]
+        delete = f"delete {_steps_text(snaps_dir, later)} (taken after it), then " if later else ""
+        return (f"the last resume checkpoint, step {last}, is sound ({facts}): {delete}rerun with {retry} and "
+                "--override-config, which resumes there")
+    earlier = next((s for s in reversed(states[:-1]) if judged(s)[0]), None)
+    why = (f"the last resume checkpoint, step {last}, is finite but has diverged ({facts}), so resuming there "
+           "fails again")
+    if earlier is None:
+        others = ("no earlier one is kept" if len(states) == 1 else
+                  f"step {', '.join(map(str, states[:-1]))} {'has' if len(states) == 2 else 'have'} diverged too")
+        return (f"{why}, and {others}; start over: delete {state_dir} and {snaps_dir} and rerun with {retry} and "
+                "--override-config, or train in another --run-dir")
+    later = [s for s in snaps if s > earlier]
+    delete = " and ".join([_steps_text(state_dir, [s for s in states if s > earlier])]
+                          + ([_steps_text(snaps_dir, later)] if later else []))
+    return (f"{why}; step {earlier} is sound ({judged(earlier)[1]}): delete {delete}, then rerun with {retry} "
+            f"and --override-config, which resumes from step {earlier}")
 
 
 def prepare_data(cfg: Config, progress: bool):
@@ -197,13 +275,16 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     loader = dataset.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
     es = evalset.from_prepared(prepared, cfg.eval.exclude_common)
     prober = Prober(cfg, es, mesh) if cfg.train.probe_every else None
+    # Read from the directory, before the resume manager creates state/: a refusal here leaves the run as it was.
+    saved_states = checkpoint.committed_steps(run_dir / checkpoint.STATE_DIR)
+    if not saved_states and override_config:
+        _check_snapshots_fit(run_dir, cfg)
+    _check_one_trajectory(run_dir, cfg, saved_states[-1] if saved_states else 0)
     resume = checkpoint.ResumeCheckpointer(run_dir / checkpoint.STATE_DIR)
     start = resume.latest_step()
     try:
         if start is not None:
             state, extra = _restore(resume, start, trainer, run_dir)
-        elif override_config:
-            _check_snapshots_fit(run_dir, cfg)
     except BaseException:
         resume.close()
         raise
@@ -227,33 +308,42 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     t_start = time.perf_counter()
     wall = lambda: wall_offset + time.perf_counter() - t_start
 
-    def meta(at: int) -> dict:
-        return {"step": at, "tokens_seen": at * trainer.tokens_per_step, "wall_time": wall()}
+    def meta(at: int, norm: float) -> dict:
+        return {"step": at, "tokens_seen": at * trainer.tokens_per_step, "wall_time": wall(), "param_norm": norm}
+
+    saved_at = {start} if start else set()  # steps whose state is on disk: the loss one step later is theirs
+    state_loss: dict[int, float] = {}
+    best_loss = math.inf
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     def diverged(what: str, at: int) -> DivergedError:
         # Saves still in flight are of earlier, checked steps: wait for them, so that the message lists what is
         # on disk rather than what had been committed by the time of the check.
         snaps.wait()
         resume.wait()
-        return DivergedError(f"{run_dir}: {what} at step {at}, which was not saved; {_last_good(run_dir)} "
-                             "(lower train.lr, or raise train.warmup_steps, and rerun with --override-config)")
+        advice = _diverged_advice(run_dir, resume, state_loss, best_loss, n_params)
+        return DivergedError(f"{run_dir}: {what} at step {at}, which was not saved; {advice}")
 
     bar = tqdm(total=total, initial=start, disable=not (progress and sharding.is_main_process()),
                unit="step", dynamic_ncols=True)
     pending = None  # (step, metrics on device) of the step before the current one
     recent = collections.deque([(start, time.perf_counter())], maxlen=21)  # tokens/s over the last 20 logs
     postfix: dict = {}
-    last_loss = float("nan")
+    last_loss = _logged_loss(run_dir, start)  # a finished run rerun runs no step, and reports this one
     preempted = False
 
     def flush():
-        nonlocal pending, last_loss
+        nonlocal pending, last_loss, best_loss
         if pending is None:
             return
         at, m = pending
         pending = None
         m = jax.device_get(m)
         loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        if at - 1 in saved_at:
+            state_loss[at - 1] = loss
+        if math.isfinite(loss):
+            best_loss = min(best_loss, loss)
         if not math.isfinite(loss):
             raise diverged(f"loss became {loss}", at)
         # A finite loss with a NaN gradient still leaves NaN parameters after this step's update.
@@ -276,7 +366,7 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     error: BaseException | None = None
     try:
         if start == 0 and 0 in snapshot_at:
-            snaps.save(0, state["params"], meta(0))
+            snaps.save(0, state["params"], meta(0, checkpoint.norm(state["params"])))
         # The mesh in context switches on the model's activation constraints (model.shard_batch).
         with jax.set_mesh(mesh):
             for s in range(start, total):
@@ -293,11 +383,14 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
                     # Only here, where a sync is due anyway: nothing non-finite is ever committed.
                     if not checkpoint.all_finite(state if is_resume else state["params"]):
                         raise diverged("the parameters or optimizer state became NaN or infinite", done)
+                if is_snap or is_resume:
+                    norm = checkpoint.norm(state["params"])  # judges the save if the run diverges later
+                    saved_at.add(done)
                 if is_snap:
-                    snaps.save(done, state["params"], meta(done))
+                    snaps.save(done, state["params"], meta(done, norm))
                 if is_resume:
-                    resume.save(done, state, {"wall_time": wall(), "tokens_seen": done * trainer.tokens_per_step},
-                                force=preempted)
+                    resume.save(done, state, {"wall_time": wall(), "tokens_seen": done * trainer.tokens_per_step,
+                                              "param_norm": norm}, force=preempted)
                 if prober and (done % cfg.train.probe_every == 0 or done == total):
                     flush()
                     probe = prober(state["params"])

@@ -57,6 +57,9 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
     except (OSError, ValueError):
         pass
     flops = matmul_probe()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write(path, json.dumps({"key": key, "flops": flops}))  # processes sharing a cache may probe at once
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write(path, json.dumps({"key": key, "flops": flops}))  # processes sharing a cache may probe at once
+    except OSError:
+        pass  # a cache that cannot be written (a file, a full disk) costs a probe per run, nothing more
     return flops, "float32 matmul probe"
