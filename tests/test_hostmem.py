@@ -36,7 +36,9 @@ def faults_per_call(**env) -> float:
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_buffers_are_reused_without_page_faults():
-    assert faults_per_call() < 1000
+    # Best of three: a probe that shares the machine with a full test run has once faulted a few buffers in afresh
+    # (1,638 per call, 3 of 30 calls); the steady state is 0.
+    assert min(faults_per_call() for _ in range(3)) < 1000
     # The same probe with the allocator left alone: the pages come back from the kernel on every call.
     assert faults_per_call(INDUCTION_JAX_KEEP_HEAP="0") > 10_000
 
