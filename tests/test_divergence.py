@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from commands import QUIET, TINY, run, train_cmd
-from corpus import prepared_tiny
+
 from induction_jax.base import config
 from induction_jax.training import checkpoint, loop
 
@@ -19,11 +19,6 @@ from induction_jax.training import checkpoint, loop
 EXPLODE = QUIET + ["train.steps=20", "train.lr=1e6", "snapshots.steps=[1,2,3]", "snapshots.every=0",
                    "train.resume_every=1"]
 SANE = ["train.lr=1e-3"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepared_tiny(tmp_path_factory.mktemp("divergence"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from commands import QUIET, TINY, cmd, env, one_line_error, run, train_cmd
-from corpus import make_corpus, prepared_tiny
+from corpus import make_corpus
 from induction_jax import Run, analyze
 from induction_jax.base import cli, config
 from induction_jax.data import dataset, evalset
@@ -34,11 +34,6 @@ def _wait_until_training(proc, run_dir, timeout: float = 120.0) -> None:
         if metrics.exists() and metrics.read_text().count("\n") > 3:
             return
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepared_tiny(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture(scope="module")

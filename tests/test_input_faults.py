@@ -8,17 +8,12 @@ import re
 import pytest
 
 from commands import QUIET, TINY, cmd, one_line_error, run, train_cmd
-from corpus import make_corpus, one_line_error as one_line_config_error, prepared_tiny
+from corpus import make_corpus, one_line_error as one_line_config_error
 from induction_jax import ablate, analyze, demo, export, plan, train
 from induction_jax.base import config
 from induction_jax.data import dataset
 from induction_jax.data.__main__ import main as data_main
 from induction_jax.training import loop
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepared_tiny(tmp_path_factory.mktemp("inputs"))
 
 
 # -- the command line -----------------------------------------------------------------------------------------
