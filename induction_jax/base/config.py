@@ -124,11 +124,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AdaptiveConfig:
+    """Extra snapshots while the live probe moves fast (training/adaptive.py); off while `every` is 0."""
+    every: int = 0  # while dense, a snapshot at every multiple of this step
+    icl_rate: float = 0.0  # |change of the probe's ICL score| per million tokens (nats) that densifies; 0 = unwatched
+    prefix_rate: float = 0.0  # |change of the probe's max prefix matching| per million tokens; 0 = unwatched
+    window: int = 3  # a rate is measured between the first and the last of this many consecutive probes
+    settle: int = 2  # consecutive probes below every threshold that end a dense stretch
+    budget: int = 100  # at most this many snapshots beyond the base schedule, over the whole run
+
+
+@dataclass(frozen=True)
 class SnapshotsConfig:
     every: int = 0
     until: int = 0  # 0 = no limit
     powers_of_two: tuple[int, ...] = ()  # [a, b] -> steps 2^a .. 2^b
     steps: tuple[int, ...] = ()
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
 @dataclass(frozen=True)
@@ -341,11 +353,33 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     p2 = cfg.snapshots.powers_of_two
     if p2 and (len(p2) != 2 or p2[0] > p2[1] or p2[0] < 0):
         fail("snapshots.powers_of_two", f"{list(p2)} must be [a, b] with 0 <= a <= b")
+    _validate_adaptive(cfg, fail)
     for key, val in [("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp), ("mesh.tensor", cfg.mesh.tensor)]:
         if val == 0 or val < -1:
             fail(key, f"must be a positive size or -1 (fill), got {val}")
     if m.n_heads % max(cfg.mesh.tensor, 1):
         fail("mesh.tensor", f"{cfg.mesh.tensor} does not divide model.n_heads={m.n_heads}")
+
+
+def _validate_adaptive(cfg: Config, fail) -> None:
+    a = cfg.snapshots.adaptive
+    if a.every < 0:
+        fail("snapshots.adaptive.every", f"must be >= 0 (0 = off), got {a.every}")
+    for key, val in [("snapshots.adaptive.icl_rate", a.icl_rate), ("snapshots.adaptive.prefix_rate", a.prefix_rate)]:
+        if not 0 <= val < float("inf"):  # also NaN
+            fail(key, f"must be a finite rate >= 0 (0 = not watched), got {val}")
+    if not a.every:
+        return
+    if not cfg.train.probe_every:
+        fail("snapshots.adaptive.every", "adaptive snapshots follow the live probe; set train.probe_every > 0")
+    if not (a.icl_rate or a.prefix_rate):
+        fail("snapshots.adaptive.every", "no threshold to watch; set snapshots.adaptive.icl_rate or prefix_rate > 0")
+    if a.window < 2:
+        fail("snapshots.adaptive.window", f"must be >= 2 (a rate needs two probes), got {a.window}")
+    if a.settle < 1:
+        fail("snapshots.adaptive.settle", f"must be >= 1, got {a.settle}")
+    if a.budget < 1:
+        fail("snapshots.adaptive.budget", f"must be >= 1 while adaptive snapshots are on, got {a.budget}")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -359,9 +393,13 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def diff(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ, as 'key: a -> b'."""
     out = []
-    da, db = to_dict(a), to_dict(b)
-    for section in da:
-        for k in da[section]:
-            if da[section][k] != db[section][k]:
-                out.append(f"{section}.{k}: {da[section][k]!r} -> {db[section][k]!r}")
+
+    def walk(prefix: str, x: dict, y: dict) -> None:
+        for k in x:
+            if isinstance(x[k], dict):
+                walk(f"{prefix}{k}.", x[k], y[k])
+            elif x[k] != y[k]:
+                out.append(f"{prefix}{k}: {x[k]!r} -> {y[k]!r}")
+
+    walk("", to_dict(a), to_dict(b))
     return out

@@ -24,7 +24,7 @@ from ..base import config as config_lib
 from ..base.config import Config, UserError, first_line
 from ..data import dataset, evalset
 from ..model import model as model_lib
-from . import checkpoint, metrics, peak, schedule, sharding, step as step_lib
+from . import adaptive as adaptive_lib, checkpoint, metrics, peak, schedule, sharding, step as step_lib
 from .probe import Prober
 
 SYNC_TIMEOUT_S = 600  # barriers between steps of the same run: every process is alive and doing the same work
@@ -298,8 +298,11 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
         if sharding.is_main_process():
             print(f"resumed from step {start}", flush=True)
     else:
-        start, wall_offset = 0, 0.0
+        start, wall_offset, extra = 0, 0.0, {}
         state = trainer.init_fn(jax.random.key(cfg.train.seed))
+    # The extra snapshots' decisions so far travel with the resume state (restored alike on every process).
+    adaptive = (adaptive_lib.AdaptiveSchedule(cfg.snapshots.adaptive, snapshot_at, trainer.tokens_per_step,
+                                              extra.get("adaptive")) if cfg.snapshots.adaptive.every else None)
     log = metrics.MetricsLog(run_dir, start)
     flops_tok = step_lib.flops_per_token(cfg)
     peak_flops, _ = peak.device_peak(cfg.model.dtype)
@@ -376,7 +379,18 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
                 done = s + 1
                 pending = (done, step_metrics)
                 preempted = resume.reached_preemption(done)
-                is_snap = done in snapshot_at
+                # The probe comes before this step's snapshot decision, which it may change.
+                if prober and (done % cfg.train.probe_every == 0 or done == total):
+                    flush()
+                    probe = prober(state["params"])
+                    log.write({"step": done, **probe})
+                    if adaptive is not None:
+                        adaptive.observe(done, *sharding.agreed([probe["probe_icl"], probe["probe_max_prefix"]]))
+                    postfix.update(icl=f"{probe['probe_icl']:+.3f}", pm=f"{probe['probe_max_prefix']:.2f}",
+                                   prev=f"{probe['probe_max_prev_token']:.2f}")
+                    bar.set_postfix(postfix, refresh=False)
+                is_extra = adaptive is not None and done not in snapshot_at and adaptive.take(done)
+                is_snap = done in snapshot_at or is_extra
                 is_resume = done % cfg.train.resume_every == 0 or done == total or preempted
                 if is_snap or is_resume:
                     flush()
@@ -387,17 +401,12 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
                     norm = checkpoint.norm(state["params"])  # judges the save if the run diverges later
                     saved_at.add(done)
                 if is_snap:
-                    snaps.save(done, state["params"], meta(done, norm))
+                    snaps.save(done, state["params"], meta(done, norm) | ({"adaptive": True} if is_extra else {}))
                 if is_resume:
-                    resume.save(done, state, {"wall_time": wall(), "tokens_seen": done * trainer.tokens_per_step,
-                                              "param_norm": norm}, force=preempted)
-                if prober and (done % cfg.train.probe_every == 0 or done == total):
-                    flush()
-                    probe = prober(state["params"])
-                    log.write({"step": done, **probe})
-                    postfix.update(icl=f"{probe['probe_icl']:+.3f}", pm=f"{probe['probe_max_prefix']:.2f}",
-                                   prev=f"{probe['probe_max_prev_token']:.2f}")
-                    bar.set_postfix(postfix, refresh=False)
+                    kept = {"wall_time": wall(), "tokens_seen": done * trainer.tokens_per_step, "param_norm": norm}
+                    if adaptive is not None:
+                        kept["adaptive"] = adaptive.state()
+                    resume.save(done, state, kept, force=preempted)
                 bar.update(1)
                 if preempted:
                     break
@@ -422,5 +431,6 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     # Process 0 hosts the coordination service: no process leaves while another is still finishing its saves.
     sharding.barrier(f"end of training at step {final}", SYNC_TIMEOUT_S)
     return {"run_dir": str(run_dir), "step": final, "loss": last_loss, "preempted": preempted,
-            "signal": checkpoint.stop_signal(), "wall_time": wall()}
+            "signal": checkpoint.stop_signal(), "wall_time": wall(),
+            "adaptive_steps": adaptive.taken if adaptive is not None else []}
 

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -165,6 +166,15 @@ def barrier(name: str, timeout_s: float) -> None:
         detail = first_line(e)
         raise BarrierTimeout(f"process {jax.process_index()} of {jax.process_count()}: gave up after {timeout_s:.0f} s "
                              f"waiting for every process at barrier '{name}' ({detail})") from None
+
+
+def agreed(values: Sequence[float]) -> list[float]:
+    """Process 0's values on every process, for a decision each process takes alone that must come out the same
+    everywhere (which steps to snapshot). Sent as float32: exact for the float32 scalars the probe returns."""
+    if jax.process_count() == 1:
+        return [float(v) for v in values]
+    from jax.experimental import multihost_utils
+    return [float(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values, np.float32)))]
 
 
 def is_main_process() -> bool:
