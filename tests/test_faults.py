@@ -171,9 +171,12 @@ def test_read_only_run_directory(trained, tmp_path):
         assert opened.steps == [2, 4]
         assert _finite(opened.params(4)) and opened.tokens_at(4) > 0
         one_line_error(run(cmd("analyze", rd, "--no-progress", "--no-report")), "pass --out")
-        r = run(cmd("analyze", rd, "--no-progress", "--no-report", "--steps", 4, "--out", tmp_path / "out"))
+        r = run(cmd("analyze", rd, "--no-progress", "--steps", 4, "--out", tmp_path / "out"))
         assert r.returncode == 0, r.stderr[-3000:]
     assert Run(trained, tmp_path / "out").stored_icl_scores().keys() == {4}
+    # The report's TensorBoard events go beside it, and say so.
+    assert f"analysis events go to {tmp_path / 'out' / 'tensorboard' / 'analysis'}" in r.stderr
+    assert list((tmp_path / "out" / "tensorboard" / "analysis").glob("events.out.tfevents.*"))
 
 
 def test_analyze_with_nothing_committed_or_a_missing_step(trained, base, tmp_path, capsys):

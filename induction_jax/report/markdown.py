@@ -19,9 +19,22 @@ from ..base import atomic
 from ..base.config import UserError
 from ..measures import ablation, composition, evaluate, heads
 from ..measures.heads import MEASURES
-from . import headplots, plots
+from ..training import adaptive, metrics
+from . import headplots, plots, tensorboard
 
 REPORT_FILE = "report.md"
+# (stem, caption) of a run's figures in its section, `<run name>_<stem>.png`; ABLATION_FIGURES in its ablation one.
+RUN_FIGURES = (("loss", "training loss"), ("heatmap", "loss over training and token index"),
+               ("dloss", "d loss / d log(token index)"), ("prefix_matching", "prefix matching per head"),
+               ("ov_copying", "OV copying per head"), ("copying", "copying (evaluator) per head"),
+               ("previous_token", "previous-token score per head"),
+               ("scatter_ov_copying", "OV copying vs prefix matching at the last snapshot"),
+               ("scatter_copying", "copying (evaluator) vs prefix matching at the last snapshot"),
+               ("composition", "K- and V-composition at the last snapshot"),
+               ("partners", "each induction head's strongest K-composition partner over training"),
+               ("snapshots", "the live probe and the snapshots it added"))
+ABLATION_FIGURES = ("ablation", "attribution")
+JOINT_FIGURES = ("icl", "pca")
 
 
 def smooth(y: np.ndarray, n: int) -> np.ndarray:
@@ -98,6 +111,7 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
                      f"{w['pm_start']:.2f} → {w['pm_end']:.2f}.")
     else:
         lines.append("- No phase-change window: no span of the analysed snapshots holds any ICL improvement.")
+    lines += snapshot_lines(r, fig)
     ind = r.induction_mask()
     pm, cp, ov = r.measure("prefix_matching")[-1], r.measure("copying")[-1], r.measure("ov_copying")[-1]
     pt, qk = r.measure("previous_token")[-1], r.measure("qk_trace")[-1]
@@ -112,18 +126,34 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
                      f"{qk[l, h]:.3g} | {'yes' if ind[l, h] else ''} |")
     lines.append("")
     lines += composition_lines(r, fig, rel)
-    for stem, caption in [("loss", "training loss"), ("heatmap", "loss over training and token index"),
-                          ("dloss", "d loss / d log(token index)"), ("prefix_matching", "prefix matching per head"),
-                          ("ov_copying", "OV copying per head"), ("copying", "copying (evaluator) per head"),
-                          ("previous_token", "previous-token score per head"),
-                          ("scatter_ov_copying", "OV copying vs prefix matching at the last snapshot"),
-                          ("scatter_copying", "copying (evaluator) vs prefix matching at the last snapshot"),
-                          ("composition", "K- and V-composition at the last snapshot"),
-                          ("partners", "each induction head's strongest K-composition partner over training")]:
+    for stem, caption in RUN_FIGURES:
         if (fig / f"{name}_{stem}.png").exists():
             lines.append(f"![{name}: {caption}]({rel}/{name}_{stem}.png)")
     lines.append("")
     return lines
+
+
+def snapshot_lines(r: RunResults, fig: Path) -> list[str]:
+    """For a run with adaptive snapshots (snapshots.adaptive): how many each schedule took, and the figure of the
+    live probe above them; nothing otherwise."""
+    a = r.run.config.snapshots.adaptive
+    probes = adaptive.logged_probes(metrics.read(r.run.path))
+    if not a.every or not probes:
+        return []
+    reader, steps = r.run.reader, r.run.steps
+    extra = [s for s in steps if reader.metadata(s).get("adaptive")]
+    base = [s for s in steps if s not in set(extra)]
+    per_step = r.run.config.train.batch_size * r.run.config.model.context
+    tokens_P = np.array([p[0] for p in probes], float) * per_step
+    plots.probe_snapshots(fig / f"{r.name}_snapshots", tokens_P, [p[1] for p in probes], [p[2] for p in probes],
+                          {"base schedule": np.array(base, float) * per_step,
+                           "adaptive": np.array(extra, float) * per_step}, _win(r),
+                          title=f"{r.name}: live probe and snapshots")
+    watched = " or ".join(f"{what} moving faster than {rate:g}{unit} per million tokens" for what, rate, unit in
+                          (("the ICL score", a.icl_rate, " nats"), ("max prefix matching", a.prefix_rate, ""))
+                          if rate)
+    return [f"- Snapshots: {len(base)} on the base schedule and {len(extra)} adaptive ones (budget {a.budget}), "
+            f"every {a.every} steps while the live probe found {watched} (rates across {a.window} probes)."]
 
 
 def composition_lines(r: RunResults, fig: Path, rel: str) -> list[str]:
@@ -221,7 +251,7 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
                              f"{lab} cos {c:+.2f} / undoes {f:+.0%}"
                              for lab, c, f in zip(labels, att["cosine"], att["fraction_undone"])) + ".")
     lines.append("")
-    for stem in ("ablation", "attribution"):
+    for stem in ABLATION_FIGURES:
         if (fig / f"{r.name}_{stem}.png").exists():
             lines.append(f"![{r.name}: {stem}]({rel}/{r.name}_{stem}.png)")
     lines.append("")
@@ -230,7 +260,8 @@ def ablation_section(r: RunResults, fig: Path, rel: str, kind: str = "pattern",
 
 def write(runs: list[Run], out: Path | None = None, before_after=(None, None), appendix: str = "") -> Path:
     """Writes figures, tables and report.md (atomically, ending with `appendix`) from what the runs' stores hold
-    (analysed snapshots, ablations of any kind along any path, or both); returns the report's path."""
+    (analysed snapshots, ablations of any kind along any path, or both), and rewrites each run's analysis events
+    in its TensorBoard (tensorboard.py); returns the report's path."""
     results = [RunResults(run) for run in runs]
     analysed = [r for r in results if len(r.steps)]
     shown = [r for r in results if len(r.steps) or any(ablated_paths(r.run, kind) for kind in ablation.KINDS)]
@@ -263,4 +294,9 @@ def write(runs: list[Run], out: Path | None = None, before_after=(None, None), a
             lines += run_section(r, fig, "figures")
         lines += ablation_section(r, fig, "figures", "pattern", before_after)
         lines += ablation_section(r, fig, "figures", "full", before_after)
-    return atomic.write(out / REPORT_FILE, "\n".join(lines) + "\n" + appendix)
+    path = atomic.write(out / REPORT_FILE, "\n".join(lines) + "\n" + appendix)
+    for r in shown:
+        stems = [f"{r.name}_{stem}" for stem, _ in RUN_FIGURES] + [f"{r.name}_{stem}" for stem in ABLATION_FIGURES]
+        figures = [fig / f"{stem}.png" for stem in stems + list(JOINT_FIGURES)]
+        tensorboard.write(r, [f for f in figures if f.exists()])
+    return path

@@ -218,3 +218,39 @@ def pca_trajectories(path, runs: Mapping[str, tuple], window=None, explained_var
         trajectory_points = np.concatenate([d[1] for d in data.values()])
         st.place_labels(ax, np.array(ends_x), np.array(ends_y), ends_text, ends_color, obstacles=trajectory_points)
     return st.save(fig, path, return_fig)
+
+
+@st.styled
+def probe_snapshots(path, tokens_P, icl_P, prefix_P, schedules: Mapping[str, np.ndarray], window=None,
+                    title: str = "", *, return_fig: bool = False):
+    """The live probe over training (ICL score on the left axis, max prefix matching on the right) above one row
+    of ticks per snapshot schedule (`schedules`: label -> training tokens of its snapshots), e.g. a base schedule
+    and the adaptive snapshots added to it. The token axis is linear: the spacing of the snapshots is the point."""
+    tokens_P, icl_P, prefix_P = (st.as_1d(a, n) for a, n in ((tokens_P, "tokens_P"), (icl_P, "icl_P"),
+                                                               (prefix_P, "prefix_P")))
+    st.check_rows(tokens_P, icl_P, "icl_P")
+    st.check_rows(tokens_P, prefix_P, "prefix_P")
+    fig, (ax, rows) = st.new_figure((7.0, 4.6), nrows=2, sharex=True, height_ratios=[3.2, 1])
+    st.shade(ax, window)
+    ax.plot(tokens_P, icl_P, color="C0", lw=1.4, marker="o", ms=2.5, label="probe ICL score")
+    ax.axhline(0.0, color="k", lw=0.8, ls=":")
+    ax.set_ylabel("ICL score (nats)", color="C0")
+    right = ax.twinx()
+    right.plot(tokens_P, prefix_P, color="C1", lw=1.4, marker="s", ms=2.5, label="probe max prefix matching")
+    right.set_ylabel("max prefix matching", color="C1")
+    right.set_ylim(0.0, max(1.0, float(np.nanmax(prefix_P, initial=0.0)) * 1.05))
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="center right", framealpha=0.85)
+    ax.set_title(title or "Live probe and snapshots")
+    ax.grid(True, alpha=0.3)
+    colors = ["0.35", "crimson", "C2", "C4", "C5"]
+    labels = list(schedules)
+    for k, label in enumerate(labels):
+        tok = st.as_1d(schedules[label], f"schedules[{label!r}]")
+        y = len(labels) - 1 - k
+        rows.vlines(tok, y - 0.35, y + 0.35, color=colors[k % len(colors)], lw=1.6)
+    rows.set_yticks(range(len(labels)), [f"{lab} ({np.size(schedules[lab])})" for lab in reversed(labels)])
+    rows.set_ylim(-0.6, len(labels) - 0.4)
+    rows.set_xlabel("training tokens")
+    rows.grid(True, axis="x", alpha=0.3)
+    return st.save(fig, path, return_fig)

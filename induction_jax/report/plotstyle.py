@@ -44,9 +44,9 @@ def styled(fn):
     return wrapper
 
 
-def new_figure(figsize=FIGSIZE):
+def new_figure(figsize=FIGSIZE, **subplots):
     # dpi fixed to the saved dpi so that label placement done in display pixels matches the saved image
-    return plt.subplots(figsize=figsize, dpi=DPI, layout="constrained")
+    return plt.subplots(figsize=figsize, dpi=DPI, layout="constrained", **subplots)
 
 
 def save(fig, path, return_fig: bool):
