@@ -56,6 +56,8 @@ def _inputs(s=S, seed=0):
                                  head_labels_M=_labels()),
         "attribution_scatter": dict(cosine_M=rng.uniform(-1, 1, m), fraction_M=rng.uniform(-0.2, 1, m),
                                     head_labels_M=_labels(), induction_M=np.arange(m) == 4),
+        "probe_snapshots": dict(tokens_P=tok, icl_P=-0.4 * ph, prefix_P=0.05 + 0.6 * ph, window=WINDOW,
+                                schedules={"base schedule": tok[::4], "adaptive": tok[5:8]}),
     }
 
 
@@ -275,3 +277,16 @@ def test_mismatched_shapes_raise(tmp_path):
         plots.loss_curve(tmp_path / "x", _tokens(), np.zeros(S - 1))
     with pytest.raises(ValueError, match="head labels"):
         headplots.ablation_heatmap(tmp_path / "x", _tokens(), np.zeros((S, 4)), ["0.0"])
+
+
+def test_probe_snapshots_draws_one_row_of_ticks_per_schedule(tmp_path):
+    tok = _tokens()
+    schedules = {"base schedule": tok[::4], "adaptive": tok[5:8]}
+    _, fig = _draw("probe_snapshots", tmp_path, schedules=schedules)
+    rows = fig.axes[1]
+    assert rows.get_xlabel() == "training tokens" and rows.get_xscale() == "linear"
+    assert [t.get_text() for t in rows.get_yticklabels()] == ["adaptive (3)", "base schedule (3)"]
+    for k, (label, want) in enumerate(schedules.items()):
+        segments = rows.collections[k].get_segments()
+        np.testing.assert_allclose(sorted(seg[0, 0] for seg in segments), want)
+        assert {round(seg[0, 1] + 0.35, 6) for seg in segments} == {len(schedules) - 1 - k}  # its own row
