@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import matplotlib.colors as mcolors
+import matplotlib.ticker as mticker
 import numpy as np
 
 from . import plotstyle as st
@@ -240,7 +241,7 @@ def probe_snapshots(path, tokens_P, icl_P, prefix_P, schedules: Mapping[str, np.
     right.set_ylabel("max prefix matching", color="C1")
     right.set_ylim(0.0, max(1.0, float(np.nanmax(prefix_P, initial=0.0)) * 1.05))
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="center right", framealpha=0.85)
+    ax.legend(handles=handles, loc="upper center", framealpha=0.85)
     ax.set_title(title or "Live probe and snapshots")
     ax.grid(True, alpha=0.3)
     colors = ["0.35", "crimson", "C2", "C4", "C5"]
@@ -252,5 +253,6 @@ def probe_snapshots(path, tokens_P, icl_P, prefix_P, schedules: Mapping[str, np.
     rows.set_yticks(range(len(labels)), [f"{lab} ({np.size(schedules[lab])})" for lab in reversed(labels)])
     rows.set_ylim(-0.6, len(labels) - 0.4)
     rows.set_xlabel("training tokens")
+    rows.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v else "0"))
     rows.grid(True, axis="x", alpha=0.3)
     return st.save(fig, path, return_fig)
