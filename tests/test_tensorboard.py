@@ -110,7 +110,8 @@ CONCURRENT = textwrap.dedent("""
     from pathlib import Path
     from induction_jax.analysis.results import RunResults
     from induction_jax.analysis.run import Run
-    
+    from induction_jax.report import tensorboard
+
     run = Run(sys.argv[1])
     figures = sorted(Path(sys.argv[1], "analysis", "figures").glob("*.png"))
     for _ in range(2):
