@@ -153,6 +153,20 @@ class EvalConfig:
     copying_measure: str = "ov"  # classifies induction heads: ov (OV-circuit eigenvalues) or evaluator
 
 
+PLACEMENTS = ("auto", "replicated", "sharded")  # analysis.placement
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How analyze/ablate place a snapshot (analysis/placement.py); read from the run's config, overridable on the
+    command line. Training ignores it."""
+    dtype: str = "float32"  # parameters as restored and the forward passes' compute dtype: float32 or bfloat16
+    # auto: replicated on every device where the parameters fit one, else sharded over the mesh.* mesh with the
+    # training's parameter shardings.
+    placement: str = "auto"
+    fit_fraction: float = 0.25  # auto: the share of one device's memory the replicated parameters may take
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +175,7 @@ class Config:
     snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
@@ -290,6 +305,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             fail("model.smear_init", f"{m.smear_init} must be strictly between 0 and 1 (it is sigma(alpha))")
     if m.positions == "rotary" and m.d_head % 2:
         fail("model.n_heads", f"rotary positions need an even d_head, got {m.d_head}")
+    if cfg.analysis.dtype not in DTYPES:
+        fail("analysis.dtype", f"{cfg.analysis.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.analysis.placement not in PLACEMENTS:
+        fail("analysis.placement", f"{cfg.analysis.placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if not 0 < cfg.analysis.fit_fraction <= 1:
+        fail("analysis.fit_fraction", f"{cfg.analysis.fit_fraction} must be in (0, 1]")
     if cfg.eval.copying_measure not in COPYING_MEASURES:
         fail("eval.copying_measure", f"{cfg.eval.copying_measure!r} is not one of {', '.join(COPYING_MEASURES)}")
     if t.decay not in ("constant", "cosine"):
