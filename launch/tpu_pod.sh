@@ -173,8 +173,12 @@ for (( attempt = 0; attempt <= MAX_RESTARTS; attempt++ )); do
   # The first attempt installs even on a reused slice, so it never runs an older copy of the code.
   if [[ $attempt -eq 0 || $FRESH -eq 1 ]]; then install_code; fi
   if run_once "$N_WORKERS" "$attempt"; then
-    [[ $DRY_RUN -eq 1 ]] && echo "# dry run: after a preemption or a lost worker this loop runs again (at most $MAX_RESTARTS times); $RESUMES"
-    [[ $DRY_RUN -eq 1 ]] || { last_attempt | grep -E "^(report: |part [0-9]+ of )" || true; echo "finished: see $LOGS/worker-0.log"; }
+    if [[ $DRY_RUN -eq 1 ]]; then
+      echo "# dry run: after a preemption or a lost worker this loop runs again (at most $MAX_RESTARTS times); $RESUMES"
+    else
+      [[ "$COMMAND" == train || -z "$FINISHED" ]] || last_attempt | grep -E "$FINISHED" || true
+      echo "finished: see $LOGS/worker-0.log"
+    fi
     exit 0
   fi
   echo "# attempt $attempt did not finish (preempted or a worker was lost); starting again: $RESUMES"

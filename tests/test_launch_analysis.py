@@ -120,6 +120,17 @@ def test_tpu_pod_restarts_until_worker_0_says_the_analysis_finished(tmp_path, ex
     assert len(starts) == 4 * attempts and all(os.path.exists(logs / f"worker-{w}.log") for w in range(4))
 
 
+
+@pytest.mark.parametrize("output, finishes", [("finished at step 131072\\n", True),
+                                              ("preempted; saved at step 4096\\n", False)])
+def test_tpu_pod_training_still_ends_only_at_its_last_step(tmp_path, output, finishes):
+    env = _stand_ins(tmp_path, {"gcloud": GCLOUD, "git": GIT})
+    r = _bash("launch/tpu_pod.sh", *TPU, "--max-restarts", "1", "--logs", str(tmp_path / "logs"), "--",
+              "--config", "configs/full_40l.yaml", "--run-dir", "/mnt/r", env={**env, "OUTPUT": output, "RC": "0"})
+    assert r.returncode == (0 if finishes else 2), r.stderr
+    assert int(Path(env["CALLS"] + ".attempts").read_text()) == 2
+    assert "induction_jax.train --no-progress --config configs/full_40l.yaml" in Path(env["CALLS"]).read_text()
+
 def test_slurm_array_dry_run_submits_the_parts_then_a_merge_after_them():
     r = _bash("launch/slurm_analysis.sh", "--dry-run", "--array", "4", "--time", "2:00:00", "--",
               "analyze", "runs/a", "runs/b", "--ablations")
@@ -205,3 +216,11 @@ def test_slurm_task_names_its_log_after_the_array_task(tmp_path):
                     "/opt/env/bin/python -m induction_jax.analyze --no-progress runs/a --ablations")
     r = _bash("launch/slurm_analysis_task.sbatch", "analyze", "runs/a", env={**env, "SLURM_JOB_ID": ""})
     _one_line_error(r, "not inside a SLURM job")
+
+
+def test_docs_show_the_dry_run_as_it_prints():
+    text = (REPO / "docs/scale.md").read_text()
+    section = text.split("## Analysing a run at scale", 1)[1]
+    shown = section.split("```text\n", 1)[1].split("```", 1)[0]
+    r = _bash("launch/slurm_analysis.sh", "--dry-run", "--array", "4", "--", "analyze", "runs/a", "runs/b")
+    assert r.returncode == 0 and r.stdout == shown, "docs/scale.md: update the dry run under 'Analysing a run'"
