@@ -435,6 +435,13 @@ class MixtureLoader(Loader):
         return np.asarray(starts, np.int64)
 
 
+def _mixture_line(m: dict) -> str:
+    mix = m["mixture"]
+    return "mixture: " + "; ".join(
+        f"{src}: {a:,} train / {b:,} held-out tokens, {n} eval windows"
+        for src, a, b, n in zip(mix["sources"], mix["tokens"]["train"], mix["tokens"]["eval"], m["eval"]["per_source"]))
+
+
 def summary(p: Prepared) -> str:
     m = p.metadata
     f, t, b, k = m["files"], m["tokens"], m["bytes"], m["tokenizer"]
@@ -455,9 +462,7 @@ def summary(p: Prepared) -> str:
          if k["trained"] else f"tokenizer: vocab {k['vocab']}, given; ")
         + f"{'copying' if m['pretokenized'] else 'tokenizing'} {k['encode_seconds']:.1f} s",
         f"eval set: {m['eval']['examples']} x {m['eval']['length']} tokens, sha256 {p.eval_hash[:16]}",
-    ] + ([f"mixture: " + "; ".join(f"{src}: {a:,} train / {b:,} held-out tokens, {n} eval windows"
-                                   for src, a, b, n in zip(m["mixture"]["sources"], m["mixture"]["tokens"]["train"],
-                                                           m["mixture"]["tokens"]["eval"], m["eval"]["per_source"]))]
-         if "mixture" in m else []) + ([f"token store sha256 {m['tokens_sha256'][:16]} (train and held-out tokens, tokenizer)"]
-         if "tokens_sha256" in m else []))
+    ] + ([_mixture_line(m)] if "mixture" in m else [])
+        + ([f"token store sha256 {m['tokens_sha256'][:16]} (train and held-out tokens, tokenizer)"]
+           if "tokens_sha256" in m else []))
 

@@ -4,8 +4,8 @@ the data cache nor a tokenizer.
 The trainer writes it before config.yaml: the windows every snapshot is scored on [N, L], each window's random
 token index [N], the hash the results store is keyed by, the BOS id, and the pool of token ids the randomised head
 evaluators draw from (the corpus's tokens between the `eval.exclude_common` most and least common; docs/method.md
-§4), and for a weighted mixture each window's source. A run directory without the file (written by an older version) is refused: re-running the trainer on it
-writes the file.
+§4), and for a weighted mixture each window's source. A run directory without the file (written by an older
+version) is refused: re-running the trainer on it writes the file.
 """
 
 from __future__ import annotations
