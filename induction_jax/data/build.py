@@ -6,6 +6,10 @@ The tokenizer is trained first, on at most `data.tokenizer_sample_bytes` of trai
 the corpus (all of it when the corpus is smaller). After every piece, progress.json records what is committed;
 a build directory left by a killed prepare resumes at the first piece it does not list. Finished pieces are then
 read again only to hash their content (metadata's content_sha256), never tokenized again.
+
+A weighted mixture's sources are planned apart, so each source's tokens are one contiguous range of each stream:
+metadata.json's `mixture` records their sizes, and the eval set (`eval_source`: each window's source) is drawn per
+source (`mixture_eval_offsets`).
 """
 
 from __future__ import annotations
@@ -190,11 +194,31 @@ def _tokenizer(cfg: Config, user_tok, pieces, state: dict, out: Path, pmap, prog
     return tok
 
 
-def sha256_eval(windows_NL: np.ndarray, index_N: np.ndarray) -> str:
+def sha256_eval(windows_NL: np.ndarray, index_N: np.ndarray, source_N: np.ndarray | None = None) -> str:
+    """The eval set's hash; a mixture's (`source_N`: each window's source index) covers the source of each window
+    too. Source paths are left out, as the data fingerprint leaves them out."""
     h = hashlib.sha256(f"{windows_NL.shape[0]}x{windows_NL.shape[1]}".encode())
     h.update(windows_NL.astype("<u2").tobytes())
     h.update(index_N.astype("<i4").tobytes())
+    if source_N is not None:
+        h.update(b"sources")
+        h.update(np.asarray(source_N).astype("<i4").tobytes())
     return h.hexdigest()
+
+
+def mixture_eval_offsets(sizes_K: list[int], n: int, length: int, seed: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mixture's eval set, per source: window i comes from source i % K (so every source has N/K windows, give
+    or take one, and any prefix of the set, such as the live probe's, covers the sources alike), at an offset
+    uniformly random within that source's range of the held-out stream. Returns (offsets_N, index_N, source_N)."""
+    sizes_K = np.asarray(sizes_K, np.int64)
+    starts_K = np.concatenate([[0], np.cumsum(sizes_K)[:-1]])
+    source_N = (np.arange(n) % sizes_K.size).astype(np.int32)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _EVAL_STREAM]))
+    low_N = starts_K[source_N]
+    offsets_N = rng.integers(low_N, low_N + sizes_K[source_N] - length + 1)
+    index_N = rng.integers(1, length, size=n).astype(np.int32)
+    return offsets_N, index_N, source_N
 
 
 def eval_offsets(stream_size: int, n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -214,10 +238,15 @@ def build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Tokeni
     """Fills (or resumes filling) `out`; metadata.json, written last, marks it complete."""
     d = cfg.data
     eod_hint = user_tok.token_to_id(corpus.EOD) if user_tok is not None else -1
-    pieces = sources.plan(files, d, sources.PIECE_BYTES, eod_hint)
+    if d.source_weights is None:
+        pieces, piece_source = sources.plan(files, d, sources.PIECE_BYTES, eod_hint), None
+    else:
+        pieces, piece_source = _mixture_plan(files, d, eod_hint)
     plan_id = hashlib.sha256(repr([([f.name for f in p.files], p.start, p.stop) for p in pieces]).encode())
     vocab = max(cfg.model.vocab_size, user_tok.get_vocab_size() if user_tok is not None else 0)
     state = _load_state(out, plan_id.hexdigest(), vocab)
+    if piece_source is not None:
+        state.setdefault("source_tokens", {s: [0] * len(d.sources) for s in SPLITS})
     done = state["pieces"]
     with _workers(min(d.workers or os.cpu_count() or 1, len(pieces)), d, vocab) as pmap:
         tok = _tokenizer(cfg, user_tok, pieces, state, out, pmap, progress)
@@ -237,6 +266,8 @@ def build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Tokeni
                 for i, docs in enumerate(pmap(_encode_task, tasks[done:]), done):
                     for s in SPLITS:
                         streams[s].append(docs.tokens[s])
+                        if piece_source is not None:
+                            state["source_tokens"][s][piece_source[i]] += int(docs.tokens[s].size)
                     _commit(state, docs, name_files)
                     content.update(docs.digests)
                     state["pieces"] = i + 1
@@ -249,6 +280,21 @@ def build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Tokeni
                 f.close()
     _finish(cfg, files, fp, user_tok is None, tok, bos_id, eod_id, state, content.hexdigest(), out, eval_length,
             progress)
+
+
+def _mixture_plan(files: list[corpus.SourceFile], d, eod_hint: int) -> tuple[list[sources.Piece], list[int]]:
+    """The pieces of a weighted mixture, each source's planned apart (no piece holds two sources' files), so each
+    source's tokens form one contiguous range of each stream; and the index of the source of each piece."""
+    pieces, piece_source = [], []
+    for k, src in enumerate(d.source_paths):
+        own = [f for f in files if f.source == src]
+        if not own:  # resolve() keeps a file once, for the first source that names it
+            raise ConfigError(f"data.sources[{k}]: {src!r}: every file is also in an earlier source; the sources "
+                              "of a mixture must not overlap")
+        planned = sources.plan(own, d, sources.PIECE_BYTES, eod_hint)
+        pieces += planned
+        piece_source += [k] * len(planned)
+    return pieces, piece_source
 
 
 def _check_splits(cfg: Config, files: list[corpus.SourceFile], state: dict) -> None:
@@ -270,9 +316,24 @@ def _check_splits(cfg: Config, files: list[corpus.SourceFile], state: dict) -> N
     docs = state["documents"]
     if not docs["train"] or not docs["eval"]:
         which = "train" if not docs["train"] else "held-out"
-        raise ConfigError(f"data.sources: {', '.join(d.sources)}: the {which} split is empty "
+        raise ConfigError(f"data.sources: {', '.join(d.source_paths)}: the {which} split is empty "
                           f"({docs['train'] + docs['eval']} documents, data.eval_fraction={d.eval_fraction}); "
                           f"add files or change data.eval_fraction")
+
+
+def _check_mixture(cfg: Config, per_source: dict, length: int) -> None:
+    """Every source of a mixture needs train text and at least one eval window of held-out text."""
+    d = cfg.data
+    for k, src in enumerate(d.source_paths):
+        train, held = per_source["train"][k], per_source["eval"][k]
+        if not train:
+            raise ConfigError(f"data.sources[{k}]: {src!r}: no train text (documents are held out by a hash of "
+                              f"their name, data.eval_fraction={d.eval_fraction}); give the source more documents")
+        if held < length:
+            raise ConfigError(f"data.sources[{k}]: {src!r}: the held-out split has {held} tokens, fewer than one "
+                              f"eval window of {length} (a mixture's eval set is per source; documents are held "
+                              f"out by a hash of their name, data.eval_fraction={d.eval_fraction}); give the "
+                              f"source more documents or raise data.eval_fraction")
 
 
 def _finish(cfg: Config, files, fp: str, trained: bool, tok: Tokenizer, bos_id: int, eod_id: int, state: dict,
@@ -282,9 +343,16 @@ def _finish(cfg: Config, files, fp: str, trained: bool, tok: Tokenizer, bos_id: 
     train = tokenstore.open_array(out, "train_tokens")
     held = tokenstore.open_array(out, "eval_tokens")
     if held.shape[0] < length:
-        raise ConfigError(f"data.sources: {', '.join(d.sources)}: the held-out split has {held.shape[0]} "
+        raise ConfigError(f"data.sources: {', '.join(d.source_paths)}: the held-out split has {held.shape[0]} "
                           f"tokens, fewer than one eval window of {length}; raise data.eval_fraction")
-    offsets_N, index_N = eval_offsets(held.shape[0], d.eval_examples, length, d.eval_seed)
+    per_source = state.get("source_tokens")
+    if per_source is None:
+        offsets_N, index_N = eval_offsets(held.shape[0], d.eval_examples, length, d.eval_seed)
+        source_N = None
+    else:
+        _check_mixture(cfg, per_source, length)
+        offsets_N, index_N, source_N = mixture_eval_offsets(per_source["eval"], d.eval_examples, length,
+                                                            d.eval_seed)
     windows_NL = tokenstore.windows(held, offsets_N, length)
     tokens_sha = hashlib.sha256()
     with tqdm(total=train.shape[0] + held.shape[0], desc="hashing the token store", unit="tok", unit_scale=True,
@@ -294,10 +362,12 @@ def _finish(cfg: Config, files, fp: str, trained: bool, tok: Tokenizer, bos_id: 
     tokens_sha.update(tok.to_str().encode())
     tokenstore.write(out, "eval_windows", windows_NL)
     tokenstore.write(out, "eval_index", index_N)
+    if source_N is not None:
+        tokenstore.write(out, "eval_source", source_N)
     tokenstore.write(out, "frequencies", np.asarray(state["frequencies"], np.int64))
     metadata = {
         "code_version": CODE_VERSION, "fingerprint": fp, "python_version": sys.version.split()[0],
-        "sources": list(d.sources), "site_packages": d.site_packages, "content_sha256": content_sha,
+        "sources": list(d.source_paths), "site_packages": d.site_packages, "content_sha256": content_sha,
         "pretokenized": files[0].pretokenized,
         "files": {"read": state["files_read"], "skipped_binary": state["binary"],
                   "skipped_undecodable": state["undecodable"], "skipped_records": state["skipped"],
@@ -311,8 +381,13 @@ def _finish(cfg: Config, files, fp: str, trained: bool, tok: Tokenizer, bos_id: 
                       "tokenizers_version": tokenizers.__version__},
         "vocab_size": cfg.model.vocab_size, "bos_id": bos_id, "eod_id": eod_id,
         "eval": {"examples": d.eval_examples, "length": length, "seed": d.eval_seed,
-                 "fraction": d.eval_fraction, "sha256": sha256_eval(windows_NL, index_N)},
+                 "fraction": d.eval_fraction, "sha256": sha256_eval(windows_NL, index_N, source_N)},
     }
+    if per_source is not None:
+        # Where each source's tokens lie in the two streams (consecutive ranges, in source order); the weights
+        # are not here: they change only the loader, so every weighting of the same sources shares this store.
+        metadata["mixture"] = {"sources": list(d.source_paths), "tokens": per_source}
+        metadata["eval"]["per_source"] = np.bincount(source_N, minlength=len(d.sources)).tolist()
     (out / "progress.json").unlink()
     # Written last: a directory with metadata.json is complete, whatever else happened to it.
     (out / "metadata.json").write_text(json.dumps(metadata, indent=1))

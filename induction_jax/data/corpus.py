@@ -128,7 +128,7 @@ def _resolve_one(src: str, site_packages: bool) -> list[SourceFile]:
 def resolve(cfg: DataConfig) -> list[SourceFile]:
     """Every file the sources name, deduplicated by real path, in source order."""
     files: list[SourceFile] = []
-    for src in cfg.sources:
+    for src in cfg.source_paths:
         found = _resolve_one(src, cfg.site_packages)
         if not found:
             raise ConfigError(f"data.sources: {src!r}: contains no files")

@@ -111,6 +111,15 @@ def icl_score(losses_NL, early: int, late: int, window: int = 0):
     return icl_per_example(losses_NL, early, late, window).mean()
 
 
+def icl_by_group(losses_NL, group_N, n_groups: int, early: int, late: int, window: int = 0) -> np.ndarray:
+    """[..., G]: `icl_score` over the examples of each group (e.g. a mixture's sources, `group_N` in 0..G-1); NaN
+    for a group without examples."""
+    per_N = np.asarray(icl_per_example(np.asarray(losses_NL), early, late, window))
+    group_N = np.asarray(group_N)
+    return np.stack([per_N[..., group_N == g].mean(-1) if (group_N == g).any() else
+                     np.full(per_N.shape[:-1], np.nan) for g in range(n_groups)], axis=-1)
+
+
 def random_token_view(losses_NL, random_index_N) -> np.ndarray:
     """float32 [N]: view (b), each example's loss at its own fixed random token index."""
     losses_NL = np.asarray(losses_NL, np.float32)
