@@ -331,8 +331,8 @@ def _check_splits(cfg: Config, files: list[corpus.SourceFile], state: dict) -> N
             raise ConfigError(f"data.sources: {src!r}: no readable text: {n} file(s) are compressed ({kind}) but "
                               f"not named {suffix}, e.g. {path}; add the suffix, which has them decompressed")
         if not state["per_source"].get(src):
-            raise ConfigError(f"data.sources: {src!r}: no readable text (binary, undecodable, empty, or records "
-                              f"without a string {d.text_field!r} field)")
+            raise ConfigError(f"data.sources: {src!r}: no readable text (binary, undecodable, empty, damaged, or "
+                              f"records without a string {d.text_field!r} field)")
     docs = state["documents"]
     if not docs["train"] or not docs["eval"]:
         which = "train" if not docs["train"] else "held-out"

@@ -344,7 +344,7 @@ def _read_text(f: SourceFile, raw: bytes, offset: int, whole: bool, cfg: DataCon
         kind = next((name for name, magic in _COMPRESSED if magic.match(raw)), None)
         if kind:
             out.binary += 1
-            seen = out.compressed.setdefault(f.source, [0, f.path, kind])
+            seen = out.compressed.setdefault(f.source, [0, f.label, kind])
             seen[0] += 1
             return
     # NUL bytes never occur in text, and mark the binary files a directory source sweeps up.
