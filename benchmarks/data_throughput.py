@@ -11,7 +11,8 @@ process tree (main process plus tokenizing workers), whose summed RSS is sampled
 is counted when it exits: MB per CPU-second does not depend on what else the machine runs. With --compressed,
 each scale's shards are then compressed in place (gzip level 6, as the gzip tool writes; zstd level 3, its
 default) and prepared again: the same documents under the same names, so the token store must be the same, and
-the rows give MB/s of decompressed text beside the plain one. The loader is timed
+the rows give MB/s of decompressed text beside the plain one; a prepare decompresses in its main process, so each
+codec's decompression rate on one core (of 64 MB of the same text) is printed too. The loader is timed
 in a fresh process on the largest store, reading `global_batch` of the train config's shape; its peak RSS is
 compared with `--budget-gb` and with the store's size. The training step is timed here directly (jitted
 value_and_grad of the mean `crossentropy.token_losses` plus an optax.adamw update, one thread) on the same shape.
@@ -20,7 +21,10 @@ value_and_grad of the mean `crossentropy.token_losses` plus an optax.adamw updat
 from __future__ import annotations
 
 import argparse
+import bz2
 import gzip
+import io
+import lzma
 import json
 import os
 import random
@@ -113,6 +117,29 @@ def compress_shards(corpus: Path, codec: str) -> tuple[Path, int]:
 def restore_shards(corpus: Path, plain: Path) -> None:
     shutil.rmtree(corpus)
     plain.rename(corpus)
+
+
+def decompression_rates(texts: list[str], size: int = 64 << 20) -> list[tuple[str, float, float]]:
+    """(codec, compression ratio, MB of text decompressed per CPU-second) for each codec at its usual level."""
+    text = "".join(texts).encode()
+    text = (text * (size // len(text) + 1))[:size]
+    codecs = [("gzip -6", lambda d: gzip.compress(d, 6), lambda b: gzip.GzipFile(fileobj=io.BytesIO(b))),
+              ("bzip2 -9", bz2.compress, lambda b: bz2.BZ2File(io.BytesIO(b))),
+              ("xz -6", lzma.compress, lambda b: lzma.LZMAFile(io.BytesIO(b)))]
+    try:
+        import zstandard
+        codecs.append(("zstd -3", zstandard.ZstdCompressor(level=3).compress,
+                       lambda b: zstandard.ZstdDecompressor().stream_reader(io.BytesIO(b), read_across_frames=True)))
+    except ImportError:
+        pass
+    out = []
+    for name, compress, reader in codecs:
+        packed = compress(text)
+        t0, f, n = time.process_time(), reader(packed), 0
+        while chunk := f.read(1 << 20):
+            n += len(chunk)
+        out.append((name, len(text) / len(packed), n / 1e6 / (time.process_time() - t0)))
+    return out
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -228,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-c", LOADER, big["path"], str(cfg.model.context), str(cfg.train.batch_size),
              str(args.steps)], cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         train = train_rate(args.config, args.train_steps)
+        rates = decompression_rates(texts) if args.compressed else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -260,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{store / 2**30:.2f} GiB: {'ok' if fits else 'NO'}; loader / train step = "
           f"{loader['tokens_per_s'] / train:.0f}x (target >= 20x): "
           f"{'ok' if loader['tokens_per_s'] >= 20 * train else 'TOO SLOW'}")
+    if rates:
+        print("\ndecompression in one process (what a prepare's main process does for compressed sources)")
+        print("| codec | ratio | text per CPU-second |")
+        print("|---|---:|---:|")
+        for name, ratio, rate in rates:
+            print(f"| {name} | {ratio:.1f} | {rate:,.0f} MB |")
     return 0
 
 
