@@ -214,6 +214,8 @@ def test_damaged_files_are_named_in_one_line_each_and_the_rest_is_kept(tmp_path,
     whole_tar = make_tar(tmp_path / "books.tar", books).read_bytes()
     (root / "books.tar.gz").write_bytes(gzip.compress(whole_tar))
     (root / "cut.tar").write_bytes(whole_tar[:1536 + 512 + 100])  # inside the second member's data
+    packed_tar = gzip.compress(make_tar(tmp_path / "sub.tar", root / "sub").read_bytes(), mtime=0)
+    (root / "cutgz.tar.gz").write_bytes(packed_tar[:len(packed_tar) // 2])
     (root / "ends.tar").write_bytes(whole_tar[:1536])  # after the first member: no end-of-archive block
     prepared = dataset.prepare(cfg_for(root, tmp_path / "cache"), progress=False)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
@@ -225,6 +227,8 @@ def test_damaged_files_are_named_in_one_line_each_and_the_rest_is_kept(tmp_path,
         f"reached); the text after it is skipped",
         f"{at}/cut.tar!ch/two.txt: truncated tar archive (unexpected end of data); the members after "
         f"'ch/one.txt' are skipped",
+        f"{at}/cutgz.tar.gz!doc12.txt: truncated gzip stream (Compressed file ended before the end-of-stream marker "
+        f"was reached); the members after 'doc09.txt' are skipped",
         f"{at}/ends.tar: truncated tar archive (it ends without its end-of-archive block); the members up to "
         f"'ch/one.txt' are kept",
         f"{at}/trunc.txt.xz: truncated xz stream (Compressed file ended before the end-of-stream marker was "
@@ -233,7 +237,7 @@ def test_damaged_files_are_named_in_one_line_each_and_the_rest_is_kept(tmp_path,
     records_line = f"skipped 1 record(s) without a string 'text' field ({root}/recs.jsonl: 1)"
     assert sorted(warnings) == sorted(f"warning: data.sources: {line}" for line in expected + [records_line])
     files = prepared.metadata["files"]
-    assert files["skipped_damaged"] == 5 and files["skipped_binary"] == 1
+    assert files["skipped_damaged"] == 6 and files["skipped_binary"] == 1
     assert sorted(prepared.metadata["faults"]) == sorted(expected)
     names = set(sum(prepared.splits().values(), []))
     # Every complete record before the cut is kept, the rest is not; the good files and members are all kept.
@@ -241,8 +245,10 @@ def test_damaged_files_are_named_in_one_line_each_and_the_rest_is_kept(tmp_path,
     assert kept == [sum(len(line) + 1 for line in records.split(b"\n")[:i]) for i in range(len(kept))]
     assert 100 < len(kept) < 400
     assert {f"{root}/books.tar!ch/one.txt", f"{root}/books.tar!ch/two.txt", f"{root}/cut.tar!ch/one.txt",
-            f"{root}/ends.tar!ch/one.txt", f"{root}/sub/doc00.txt", f"{root}/big.txt@0"} <= names
-    assert not any("trunc.txt" in n or "bad.txt" in n or "cut.tar!ch/two" in n for n in names)
+            f"{root}/ends.tar!ch/one.txt", f"{root}/cutgz.tar!doc09.txt", f"{root}/sub/doc00.txt",
+            f"{root}/big.txt@0"} <= names
+    assert not any("trunc.txt" in n or "bad.txt" in n or "cut.tar!ch/two" in n or "cutgz.tar!doc12" in n
+                   for n in names)
 
 
 def test_corrupt_and_truncated_zstd_streams_are_named(tmp_path):

@@ -176,18 +176,19 @@ def _reason(e: BaseException, codec: str) -> str:
 
 
 class _Tracked:
-    """An archive's (decompressed) byte stream that remembers how far it was read, whether it failed, and its
-    last bytes."""
+    """An archive's (decompressed) byte stream for tarfile: it remembers how far it was read and its last bytes,
+    and a decompression error ends it (kept in `failed`), so tarfile keeps every byte that came before."""
 
     def __init__(self, stream: BinaryIO):
-        self.stream, self.count, self.tail, self.failed, self.eof = stream, 0, bytearray(), False, False
+        self.stream, self.count, self.tail = stream, 0, bytearray()
+        self.failed: BaseException | None = None
+        self.eof = False
 
     def read(self, n: int = -1) -> bytes:
         try:
-            data = self.stream.read(n)
-        except ERRORS:
-            self.failed = True
-            raise
+            data = self.stream.read1(n) if n > 0 else self.stream.read()
+        except ERRORS as e:
+            self.failed, data = e, b""
         self.eof = self.eof or not data
         self.count += len(data)
         self.tail.extend(data)
@@ -197,10 +198,7 @@ class _Tracked:
     def block(self, offset: int) -> bytes:
         """The block at `offset` (short at the end of the stream)."""
         while self.count < offset + _BLOCK and not self.eof:
-            try:
-                self.read(offset + _BLOCK - self.count)
-            except ERRORS:  # damaged after the last member: no end-of-archive block to be read
-                break
+            self.read(offset + _BLOCK - self.count)
         start = offset - (self.count - len(self.tail))
         return bytes(self.tail[max(start, 0):start + _BLOCK]) if start + _BLOCK > 0 else b""
 
@@ -211,7 +209,7 @@ def _tar(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[
 
     def fault(e: BaseException, where: str = "") -> str:
         rest = f"the members after {last!r} are skipped" if last else "skipped"
-        return f"{f.path}{where}: {_reason(e, f.codec)}; {rest}"
+        return f"{f.path}{where}: {_reason(tracked.failed or e, f.codec)}; {rest}"
 
     try:
         tar = tarfile.open(fileobj=tracked, mode="r|")
@@ -236,13 +234,16 @@ def _tar(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[
         for item in _cut(member, open_stream(member, tar.extractfile(info)), piece_bytes, consumed):
             if not isinstance(item, _Fault):
                 yield item
-            elif tracked.failed or tracked.eof or isinstance(item.error, tarfile.TarError):  # the archive's fault
+            elif tracked.eof or isinstance(item.error, tarfile.TarError):  # the archive's fault
                 yield fault(item.error, f"!{info.name}")
                 return
             else:  # the member's own compression
                 yield _fault_line(member, item)
         last = info.name
     end = tracked.block(tar.offset)
+    if tracked.failed:  # tarfile took the end of the decompressed bytes for the end of the archive
+        yield fault(tracked.failed)
+        return
     if not end:
         yield f"{f.path}: truncated tar archive (it ends without its end-of-archive block)" + (
             f"; the members up to {last!r} are kept" if last else "")
