@@ -251,6 +251,39 @@ def test_damaged_files_are_named_in_one_line_each_and_the_rest_is_kept(tmp_path,
                    for n in names)
 
 
+def test_archive_faults_name_the_archive_and_the_member(tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (books / name).write_text(f"the text of {name}\n" * 40)
+    (books / "b.txt").write_bytes(gzip.compress((books / "b.txt").read_bytes()))
+    (books / "b.txt").rename(books / "b.txt.gz")
+    whole = make_tar(tmp_path / "whole.tar", books).read_bytes()
+    root = tmp_path / "corpus"
+    root.mkdir()
+    inner = bytearray(whole)
+    inner[2048 + 12: 2048 + 20] = b"\xff" * 8  # inside the deflate data of member b.txt.gz
+    (root / "inner.tar").write_bytes(bytes(inner))
+    header = bytearray(whole)
+    header[1536: 1536 + 100] = b"x" * 100  # the second member's header
+    (root / "header.tar").write_bytes(bytes(header))
+    (root / "junk.tar").write_bytes(b"not an archive at all\n" * 100)
+    (root / "junk.tar.gz").write_bytes(gzip.compress(b"not an archive at all\n" * 100))
+    out = read_all(root)
+    at = root.resolve()
+    header_line, inner_line, *junk = out["faults"]
+    assert header_line == (f"{at}/header.tar: corrupt tar archive (an unreadable header at byte 1,536); the "
+                           f"members after 'a.txt' are skipped")
+    assert inner_line.startswith(f"{at}/inner.tar!b.txt.gz: corrupt gzip stream (BadGzipFile: CRC check failed ")
+    assert inner_line.endswith("); skipped") and "\n" not in inner_line
+    assert junk == [f"{at}/junk.tar: corrupt tar archive (ReadError: invalid header); skipped",
+                    f"{at}/junk.tar.gz: corrupt tar archive (ReadError: invalid header); skipped"]
+    # A member's own damage skips only that member.
+    assert sorted(d[0] for d in out["docs"]) == [f"{root}/header.tar!a.txt", f"{root}/inner.tar!a.txt",
+                                                  f"{root}/inner.tar!c.txt"]
+    assert out["damaged"] == 4
+
+
 def test_corrupt_and_truncated_zstd_streams_are_named(tmp_path):
     zstd = _zstd()
     root = tmp_path / "corpus"

@@ -208,8 +208,11 @@ def _tar(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[
     last = ""  # the last member read
 
     def fault(e: BaseException, where: str = "") -> str:
+        """The line for a fault that ends the archive: of its compression, else of the tar format."""
         rest = f"the members after {last!r} are skipped" if last else "skipped"
-        return f"{f.path}{where}: {_reason(tracked.failed or e, f.codec)}; {rest}"
+        cause = tracked.failed or e
+        codec = f.codec if tracked.failed or not isinstance(cause, tarfile.TarError) else ""
+        return f"{f.path}{where}: {_reason(cause, codec)}; {rest}"
 
     try:
         tar = tarfile.open(fileobj=tracked, mode="r|")
@@ -234,7 +237,7 @@ def _tar(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[
         for item in _cut(member, open_stream(member, tar.extractfile(info)), piece_bytes, consumed):
             if not isinstance(item, _Fault):
                 yield item
-            elif tracked.eof or isinstance(item.error, tarfile.TarError):  # the archive's fault
+            elif tracked.failed or isinstance(item.error, tarfile.TarError):  # the archive's, not the member's
                 yield fault(item.error, f"!{info.name}")
                 return
             else:  # the member's own compression
