@@ -319,3 +319,23 @@ def test_a_large_compressed_file_is_read_in_bounded_parts(tmp_path):
     assert len(parts) > 50 and all(p.text_bytes < PIECE + 1000 for p in parts)
     assert sum(p.size for p in parts) == path.stat().st_size  # progress accounts for every stored byte
     shutil.rmtree(tmp_path)
+
+
+def test_the_tokenizer_samples_across_large_compressed_files(tmp_path, monkeypatch):
+    """Each large compressed file is one piece: the sample takes the first parts of pieces spread over the corpus,
+    not the whole of the first file."""
+    monkeypatch.setattr(sources, "PIECE_BYTES", PIECE)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8))) for _ in range(2000)]
+    for i in range(4):  # each more than a piece when stored: a piece of its own
+        text = "".join(json.dumps({"text": " ".join(rng.choice(words, 80))}) + "\n" for _ in range(200))
+        (root / f"shard-{i}.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    sampled, real = [], build._sample_task
+    monkeypatch.setattr(build, "_sample_task", lambda task: sampled.append(task[0]) or real(task))
+    prepared = dataset.prepare(cfg_for(root, tmp_path / "cache", tokenizer_sample_bytes=2 * PIECE), progress=False)
+    files = [{s.file.name for s in part.segments} for part in sampled]
+    assert set().union(*files) == {f"{root}/shard-0.jsonl", f"{root}/shard-3.jsonl"}  # 2 of 4 pieces, spread
+    assert all(sum(len(f) == 1 for f in files if name in f) == 1 for name in set().union(*files))  # one part each
+    assert 0 < prepared.metadata["tokenizer"]["sample_bytes"] <= 2 * PIECE

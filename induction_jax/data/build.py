@@ -93,10 +93,11 @@ def _lookahead(items):
 
 
 def _units(pieces: list[sources.Piece], start: tuple[int, int] = (0, 0), stop: tuple[int, int] | None = None,
-           chosen: set[int] | None = None, skipped=None):
+           chosen: set[int] | None = None, skipped=None, cap: int = 0):
     """(piece index, part index, last part of the piece, piece or part, stored bytes) of the work from
-    (piece, part) `start` up to `stop` (exclusive), of the `chosen` pieces only if given. A streamed piece is
-    decompressed here; its parts before `start` are decompressed but not yielded (`skipped(size)` is called)."""
+    (piece, part) `start` up to `stop` (exclusive), of the `chosen` pieces only if given, and of a streamed piece
+    only the parts that reach `cap` bytes of text if given. A streamed piece is decompressed here; its parts
+    before `start` are decompressed but not yielded (`skipped(size)` is called)."""
     for i in range(start[0], len(pieces)):
         if stop is not None and (i, 0) >= stop:
             return
@@ -106,9 +107,13 @@ def _units(pieces: list[sources.Piece], start: tuple[int, int] = (0, 0), stop: t
         if not p.streamed:
             yield i, 0, True, p, p.size
             continue
+        text = 0
         for k, (part, last) in enumerate(_lookahead(sources.parts(p, sources.PIECE_BYTES))):
             if stop is not None and (i, k) >= stop:
                 return
+            if cap and text >= cap:
+                break
+            text += part.text_bytes
             if i == start[0] and k < start[1]:
                 if skipped is not None:
                     skipped(part.size)
@@ -217,7 +222,7 @@ def _tokenizer(cfg: Config, user_tok, pieces, state: dict, out: Path, pmap, prog
                desc="reading the tokenizer's sample", unit="B", unit_scale=True, disable=not progress)
 
     def texts():
-        units = _units(pieces, chosen=set(chosen))
+        units = _units(pieces, chosen=set(chosen), cap=sources.sample_cap(pieces, chosen, budget))
         for batch in pmap(_sample_task, ((unit, "", -1) for _, _, _, unit, _ in units)):
             for text in batch:
                 n = len(text.encode("utf-8"))

@@ -458,9 +458,17 @@ def read_piece(piece: Piece | Part, cfg: DataConfig, vocab: int = 0, eod_id: int
 
 def sample(pieces: list[Piece], budget: int) -> list[int]:
     """Indices of pieces spread evenly over the corpus whose source bytes add up to about `budget`: every piece
-    when the corpus is no larger."""
-    total = sum(p.size for p in pieces)
+    when the corpus is no larger. A streamed piece counts as PIECE_BYTES, what its first part holds: the sample
+    reads only its first parts (`sample_cap`), so a corpus of a few large compressed files is sampled across its
+    files."""
+    total = sum(PIECE_BYTES if p.streamed else p.size for p in pieces)
     if total <= budget:
         return list(range(len(pieces)))
     k = max(1, min(len(pieces), round(len(pieces) * budget / total)))
     return sorted(set(np.linspace(0, len(pieces) - 1, k).round().astype(int).tolist()))
+
+
+def sample_cap(pieces: list[Piece], chosen: list[int], budget: int) -> int:
+    """The text a sample takes from each chosen streamed piece: its share of the budget when the sample leaves
+    pieces out, else no limit (0), so a corpus within the budget is sampled whole."""
+    return budget // len(chosen) if len(chosen) < len(pieces) else 0
