@@ -26,7 +26,7 @@ $(VENV)/test-extras/.installed: $(BIN)/.installed requirements-test.lock
 
 test: $(BIN)/.installed $(VENV)/test-extras/.installed
 	$(BIN)/lint-imports
-	PYTHONPATH=$(VENV)/test-extras $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	PYTHONPATH=$(CURDIR)/$(VENV)/test-extras $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -332,8 +332,9 @@ def parts(piece: Piece, piece_bytes: int = 0) -> Iterator[Part]:
     yield part
 
 
-# Magic numbers of compressed files, which are skipped like other binary files but named when a source holds
-# nothing else (bzip2's block header follows its level digit).
+# Magic numbers of compressed data in a file whose name does not say so (one that does is decompressed first):
+# skipped like other binary files, but named when a source holds nothing else (bzip2's block header follows its
+# level digit).
 _COMPRESSED = (("gzip", re.compile(rb"\x1f\x8b")), ("bzip2", re.compile(rb"BZh[1-9]1AY&SY")),
                ("xz", re.compile(rb"\xfd7zXZ\x00")), ("zstd", re.compile(rb"\x28\xb5\x2f\xfd")),
                ("zip", re.compile(rb"PK\x03\x04")))
