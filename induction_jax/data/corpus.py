@@ -8,6 +8,11 @@ through its arrow files. A pre-tokenized source is a flat uint16 `.bin` (nanoGPT
 where such files count as binary), and read with `data.tokenizer`. Every user mistake
 is a one-line `ConfigError` naming the source.
 
+A text or JSONL file may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`), and a `.tar` archive (also `.tar.gz`,
+`.tgz`, `.tar.bz2`, `.tar.xz`, `.tar.zst`) holds documents: its members are read as files of their names would be
+(`data.streams` reads both). A compressed file is named without its compression suffix, so `dir/a.txt.gz` gives
+the documents, and the split, of `dir/a.txt`; a member is named `<archive>!<member>` by the same rule.
+
 Each document carries a machine-independent `name` (e.g. `python-stdlib/json/decoder.py`): the train/held-out
 split is a hash of that name, so the same interpreter version splits identically on every machine.
 """
@@ -37,6 +42,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 _NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
 RECORD_KINDS = {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 TOKEN_SUFFIXES = {".bin": "bin", ".npy": "npy"}
+CODECS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 # Files up to this size are hashed whole for the fingerprint; larger ones by their size and sampled blocks.
 FULL_HASH_BYTES = 4 << 20
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK = 16, 64 << 10
@@ -47,25 +53,60 @@ class SourceFile:
     name: str  # machine-independent; hashed for the split
     path: str  # absolute
     source: str  # the `data.sources` entry it came from
-    size: int
-    kind: str = "text"  # text | jsonl | parquet | arrow | bin | npy | zarr
+    size: int  # of the file as stored (compressed), or of an archive member
+    kind: str = "text"  # text | jsonl | parquet | arrow | bin | npy | zarr | tar
+    codec: str = ""  # the file's (or member's) compression: gzip | bz2 | xz | zstd, or none
+    member: str = ""  # a member of the archive at `path`: its name in the archive
 
     @property
     def pretokenized(self) -> bool:
         return self.kind in ("bin", "npy", "zarr")
 
+    @property
+    def streamed(self) -> bool:
+        """Read as a stream (decompressed, or an archive's members in turn): it cannot be cut by byte offset."""
+        return bool(self.codec) or self.kind == "tar"
+
+    @property
+    def label(self) -> str:
+        """Where it is, for messages: the path, or `<archive path>!<member>`."""
+        return f"{self.path}!{self.member}" if self.member else self.path
+
+
+def split_codec(name: str) -> tuple[str, str]:
+    """(the name without its compression suffix, the codec): `a.jsonl.gz` -> (`a.jsonl`, gzip); `b.tgz` ->
+    (`b.tar`, gzip); a name without one is returned as it is, with codec ""."""
+    for suffix, codec in CODECS.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], codec
+    if name.endswith(".tgz") and len(name) > 4:
+        return name[:-4] + ".tar", "gzip"
+    return name, ""
+
+
+def kind_of(name: str, codec: str = "") -> str:
+    """The kind of a file (or archive member) named `name` (its compression suffix removed)."""
+    if name.endswith(".tar"):
+        return "tar"
+    kind = RECORD_KINDS.get(Path(name).suffix, "text")
+    # parquet and arrow are read by seeking in the file: compressed whole, they are read as (binary) text
+    return "text" if codec and kind != "jsonl" else kind
+
 
 def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in prune)
-        for f in sorted(filenames):
+        # ordered by the names the documents get: a compressed copy of a directory is read in the same order
+        for f in sorted(filenames, key=lambda f: (split_codec(f)[0], f)):
             if f.endswith(suffix):
                 yield Path(dirpath) / f
 
 
 def _stat(name: str, path: Path, source: str, kind: str | None = None) -> SourceFile:
-    kind = kind or RECORD_KINDS.get(path.suffix, "text")
-    return SourceFile(name, str(path.resolve()), source, path.stat().st_size, kind)
+    if kind:
+        return SourceFile(name, str(path.resolve()), source, path.stat().st_size, kind)
+    name, codec = split_codec(name)
+    return SourceFile(name, str(path.resolve()), source, path.stat().st_size, kind_of(name, codec), codec)
 
 
 def _stdlib_files(site_packages: bool) -> list[SourceFile]:

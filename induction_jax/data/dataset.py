@@ -449,6 +449,8 @@ def summary(p: Prepared) -> str:
                f"{f['empty_documents']} empty")
     if f.get("skipped_records"):
         skipped += f", {f['skipped_records']} records without a string text field"
+    if f.get("skipped_damaged"):
+        skipped += f", {f['skipped_damaged']} damaged compressed files or archives (partly)"
     return "\n".join([
         f"prepared data: {p.path}",
         f"python {m['python_version']}; sources {', '.join(m['sources'])}; "
