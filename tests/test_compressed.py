@@ -3,7 +3,8 @@
 The same corpus compressed gives the documents, names and split of the plain files (large files cut into the same
 parts, JSONL records named by their offsets in the decompressed bytes), and gzipped, the same token store; a
 prepare killed inside a compressed file resumes there; damaged input gets one line naming the file (and member),
-and the rest is kept.
+and the rest is kept. A `.json` file (C4's `.json.gz`), plain, compressed or in an archive, is read as JSONL when
+its first non-empty line is a record with the text field, and as one text document otherwise.
 """
 
 import bz2
@@ -69,14 +70,14 @@ def cfg_for(source, cache, **data):
     return from_dict({"model": {"vocab_size": 300, "context": 32}, "data": d, "eval": {"prefix_tokens": 7}})
 
 
-def read_all(source, piece_bytes: int = PIECE) -> dict:
+def read_all(source, piece_bytes: int = PIECE, **data) -> dict:
     """What a prepare reads, without tokenizing: every document (name, split, text) in order, the counts of what
     was skipped, and the number of pieces and parts."""
-    cfg = cfg_for(source, "unused").data
+    cfg = cfg_for(source, "unused", **data).data
     out = {"docs": [], "binary": 0, "undecodable": 0, "empty": 0, "skipped": 0, "damaged": 0, "faults": [],
            "units": 0}
     for piece in sources.plan(corpus.resolve(cfg), cfg, piece_bytes):
-        for unit in sources.parts(piece, piece_bytes) if piece.streamed else [piece]:
+        for unit in sources.parts(piece, cfg, piece_bytes) if piece.streamed else [piece]:
             docs = sources.read_piece(unit, cfg)
             out["units"] += 1
             for s in sources.SPLITS:
@@ -185,7 +186,7 @@ def test_a_prepare_killed_inside_a_compressed_file_resumes_there(tmp_path, monke
     monkeypatch.setattr(corpus, "train_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was trained again"))
     resumed = dataset.prepare(cfg, progress=False)
     pieces = sources.plan(corpus.resolve(cfg.data), cfg.data, PIECE)
-    n_parts = len(list(sources.parts(pieces[progress["pieces"]], PIECE)))
+    n_parts = len(list(sources.parts(pieces[progress["pieces"]], cfg.data, PIECE)))
     assert len(encoded) == n_parts - 3 + len(pieces) - progress["pieces"] - 1  # the finished parts not again
     for key in ("tokens_sha256", "content_sha256", "documents", "bytes", "files", "eval"):
         assert resumed.metadata[key] == whole.metadata[key], key
@@ -315,7 +316,7 @@ def test_a_large_compressed_file_is_read_in_bounded_parts(tmp_path):
     path.write_bytes(gzip.compress(_records(2000)))
     cfg = cfg_for(path, "unused").data
     (piece,) = sources.plan(corpus.resolve(cfg), cfg, PIECE)
-    parts = list(sources.parts(piece, PIECE))
+    parts = list(sources.parts(piece, cfg, PIECE))
     assert len(parts) > 50 and all(p.text_bytes < PIECE + 1000 for p in parts)
     assert sum(p.size for p in parts) == path.stat().st_size  # progress accounts for every stored byte
     shutil.rmtree(tmp_path)
@@ -339,3 +340,92 @@ def test_the_tokenizer_samples_across_large_compressed_files(tmp_path, monkeypat
     assert set().union(*files) == {f"{root}/shard-0.jsonl", f"{root}/shard-3.jsonl"}  # 2 of 4 pieces, spread
     assert all(sum(len(f) == 1 for f in files if name in f) == 1 for name in set().union(*files))  # one part each
     assert 0 < prepared.metadata["tokenizer"]["sample_bytes"] <= 2 * PIECE
+
+
+def _c4_lines(rng) -> bytes:
+    """C4-style JSON lines after a blank line: records of several fields, one longer than two pieces (a text file
+    would be cut inside it, a JSONL file never is), a line that is not JSON and a record without the text field."""
+    recs = [{"text": f"document {i} " + "lorem ipsum " * int(rng.integers(5, 60)), "timestamp": "2019-04-25",
+             "url": f"https://example.com/{i}"} for i in range(300)]
+    recs[120]["text"] = "é" * (3 * PIECE)
+    lines = [json.dumps(r) for r in recs]
+    lines[200:200] = ["not json", json.dumps({"url": "https://example.com/no-text"})]
+    return ("\n" + "\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_json_lines_in_a_json_file_are_read_as_jsonl(suffix, tmp_path):
+    data = _c4_lines(np.random.default_rng(2))
+    jsonl = tmp_path / "jsonl" / "c4-train.00000-of-01024.jsonl"
+    jsonl.parent.mkdir()
+    jsonl.write_bytes(data)
+    expected = read_all(jsonl)
+    assert expected["skipped"] == 2 and len(expected["docs"]) == 300
+    assert f"{jsonl}@1" in {d[0] for d in expected["docs"]}  # the records' byte offsets, after the blank line
+    root = tmp_path / "c4"
+    root.mkdir()
+    path = root / f"c4-train.00000-of-01024.json{suffix}"
+    path.write_bytes(COMPRESS[suffix[1:]](data) if suffix else data)
+    tar = make_tar(tmp_path / "c4.tar", root)
+    # the file, a directory, an archive: the records of the JSONL file, named by their file and offsets
+    for source, stem in [(path, f"{root}/{jsonl.stem}.json"), (root, f"{root}/{jsonl.stem}.json"),
+                         (tar, f"{tar}!{jsonl.stem}.json")]:
+        got = read_all(source)
+        assert sorted((n, t) for n, _, t in got["docs"]) == sorted(
+            (n.replace(str(jsonl), stem), t) for n, _, t in expected["docs"])
+        assert got["skipped"] == 2 and got["faults"] == [] and got["binary"] == got["undecodable"] == 0
+
+
+def test_json_files_that_are_not_json_lines_stay_one_text_document(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    files = {
+        # one object across lines, text field and all
+        "pretty.json": json.dumps({"text": "a document", "meta": {"id": 1}}, indent=2) + "\n",
+        # records, but not of the text field
+        "body.json": "".join(json.dumps({"id": i, "body": f"body {i}"}) + "\n" for i in range(5)),
+        "number.json": json.dumps({"text": 7}) + "\n" + json.dumps({"text": "a string"}) + "\n",
+        "list.json": json.dumps([{"text": "a"}]) + "\n",
+        "broken.json": '{"text": "unfinished\n{"text": "a record"}\n',
+        # a first line past the sniff's bound
+        "long.json": json.dumps({"text": "x" * corpus.SNIFF_BYTES}) + "\n" + json.dumps({"text": "b"}) + "\n",
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+        (root / f"{name}.gz").write_bytes(gzip.compress(text.encode()))
+        for stored in (name, f"{name}.gz"):
+            out = read_all(root / stored)
+            # the file as text: one document, or parts named by their offsets when it is longer than a piece
+            offsets = [int(n.split("@")[1]) if "@" in n else 0 for n, _, _ in out["docs"]]
+            assert {n.split("@")[0] for n, _, _ in out["docs"]} == {f"{root}/{name}"}, stored
+            assert "".join(d[2] for _, d in sorted(zip(offsets, out["docs"]))) == text, stored
+            assert out["skipped"] == 0 and (len(out["docs"]) == 1) == (len(text) < PIECE), stored
+    # The same records with data.text_field naming their field are JSON lines.
+    body = read_all(root / "body.json.gz", text_field="body")
+    assert sorted(t for _, _, t in body["docs"]) == [f"body {i}" for i in range(5)]
+
+
+def test_a_json_lines_prepare_uses_the_configured_text_field(tmp_path):
+    """The field reaches the reading of compressed `.json` files in a prepare."""
+    rng = np.random.default_rng(3)
+    lines = "".join(json.dumps({"content": " ".join(rng.choice(["ab", "cd", "ef", "gh"], 40)), "id": i}) + "\n"
+                    for i in range(300))
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "shard.json.gz").write_bytes(gzip.compress(lines.encode()))
+    prepared = dataset.prepare(cfg_for(root, tmp_path / "cache", text_field="content"), progress=False)
+    names = sorted(sum(prepared.splits().values(), []))
+    assert len(names) == 300 and all(n.startswith(f"{root}/shard.json@") for n in names)
+
+
+def test_json_lines_is_decided_by_the_first_non_empty_line():
+    line = json.dumps({"text": "a"}).encode()
+    assert corpus.json_lines(line, "text") and corpus.json_lines(b"\n  \r\n" + line + b"\nnot json\n", "text")
+    assert not corpus.json_lines(line, "body") and not corpus.json_lines(b"", "text")
+    assert not corpus.json_lines(b"not json\n" + line + b"\n", "text")
+    assert not corpus.json_lines(b"[" * 100_000 + b"]" * 100_000, "text")  # nested past the parser's limit
+    long = json.dumps({"text": "x" * (corpus.SNIFF_BYTES - 12)}).encode()
+    assert len(long) == corpus.SNIFF_BYTES and corpus.json_lines(long + b"\n" + b"y" * 10, "text")
+    assert not corpus.json_lines(b"\n" + long + b"\n", "text")  # it ends past the bound
+    with io.BytesIO(b"\n\n" + line + b"\nmore\n") as fh:
+        assert corpus.head(fh) == b"\n\n" + line + b"\n"

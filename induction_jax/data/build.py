@@ -96,7 +96,7 @@ def _lookahead(items):
         prev = item
 
 
-def _units(pieces: list[sources.Piece], start: tuple[int, int] = (0, 0), stop: tuple[int, int] | None = None,
+def _units(pieces: list[sources.Piece], d, start: tuple[int, int] = (0, 0), stop: tuple[int, int] | None = None,
            chosen: set[int] | None = None, skipped=None, cap: int = 0):
     """(piece index, part index, last part of the piece, piece or part, stored bytes) of the work from
     (piece, part) `start` up to `stop` (exclusive), of the `chosen` pieces only if given, and of a streamed piece
@@ -112,7 +112,7 @@ def _units(pieces: list[sources.Piece], start: tuple[int, int] = (0, 0), stop: t
             yield i, 0, True, p, p.size
             continue
         text = 0
-        for k, (part, last) in enumerate(_lookahead(sources.parts(p, sources.PIECE_BYTES))):
+        for k, (part, last) in enumerate(_lookahead(sources.parts(p, d, sources.PIECE_BYTES))):
             if stop is not None and (i, k) >= stop:
                 return
             if cap and text >= cap:
@@ -226,7 +226,7 @@ def _tokenizer(cfg: Config, user_tok, pieces, state: dict, out: Path, pmap, prog
                desc="reading the tokenizer's sample", unit="B", unit_scale=True, disable=not progress)
 
     def texts():
-        units = _units(pieces, chosen=set(chosen), cap=sources.sample_cap(pieces, chosen, budget))
+        units = _units(pieces, cfg.data, chosen=set(chosen), cap=sources.sample_cap(pieces, chosen, budget))
         for batch in pmap(_sample_task, ((unit, "", -1) for _, _, _, unit, _ in units)):
             for text in batch:
                 n = len(text.encode("utf-8"))
@@ -309,7 +309,7 @@ def build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Tokeni
         name_files = {s: _names_file(out, s, state["names_bytes"][s]) for s in SPLITS}
         content = hashlib.sha256()
         try:
-            finished = ((unit, tok_path, eod_id) for _, _, _, unit, _ in _units(pieces, stop=done))
+            finished = ((unit, tok_path, eod_id) for _, _, _, unit, _ in _units(pieces, d, stop=done))
             for digests in tqdm(pmap(_digest_task, finished), desc="hashing finished pieces", unit="piece",
                                 disable=not progress or done == (0, 0)):
                 content.update(digests)
@@ -319,7 +319,7 @@ def build(cfg: Config, files: list[corpus.SourceFile], fp: str, user_tok: Tokeni
                 where = collections.deque()  # (piece, part, last, stored bytes) of each task handed out
 
                 def tasks():
-                    for i, k, last, unit, size in _units(pieces, start=done, skipped=bar.update):
+                    for i, k, last, unit, size in _units(pieces, d, start=done, skipped=bar.update):
                         where.append((i, k, last, size))
                         yield unit, tok_path, eod_id
 

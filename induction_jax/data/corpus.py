@@ -2,13 +2,15 @@
 
 A source (`data.sources` entry) is `python-stdlib`, a file, a directory (every file below it), or a glob pattern.
 Files ending in `.jsonl`, `.parquet` or `.arrow` hold one document per record (the `data.text_field` string or
-column); a directory written by Hugging Face `datasets` (`save_to_disk`, a Dataset or a DatasetDict) is read
-through its arrow files. A pre-tokenized source is a flat uint16 `.bin` (nanoGPT's format), a 1-D integer
-`.npy`, or a zarr array directory, named as a source or matched by a glob (not swept up by a directory walk,
-where such files count as binary), and read with `data.tokenizer`. Every user mistake
-is a one-line `ConfigError` naming the source.
+column). A `.json` file is JSON lines, read as a `.jsonl` file is, when its first non-empty line is a JSON object
+holding a `data.text_field` string (C4's `.json.gz` files), and one text document otherwise (`json_lines` decides
+from the file's first bytes, decompressed if it is compressed). A directory written by Hugging Face `datasets`
+(`save_to_disk`, a Dataset or a DatasetDict) is read through its arrow files. A pre-tokenized source is a flat
+uint16 `.bin` (nanoGPT's format), a 1-D integer `.npy`, or a zarr array directory, named as a source or matched by
+a glob (not swept up by a directory walk, where such files count as binary), and read with `data.tokenizer`.
+Every user mistake is a one-line `ConfigError` naming the source.
 
-A text or JSONL file may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`), and a `.tar` archive (also `.tar.gz`,
+A text, JSON or JSONL file may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`), and a `.tar` archive (also `.tar.gz`,
 `.tgz`, `.tar.bz2`, `.tar.xz`, `.tar.zst`) holds documents: its members are read as files of their names would be
 (`data.streams` reads both). A compressed file is named without its compression suffix, so `dir/a.txt.gz` gives
 the documents, and the split, of `dir/a.txt`; a member is named `<archive>!<member>` by the same rule.
@@ -19,6 +21,7 @@ split is a hash of that name, so the same interpreter version splits identically
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -26,7 +29,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -40,9 +43,11 @@ SPECIAL_TOKENS = (BOS, EOD)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 # Installed-package trees inside the stdlib directory belong to `site_packages`, not to the stdlib.
 _NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
-RECORD_KINDS = {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+RECORD_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TOKEN_SUFFIXES = {".bin": "bin", ".npy": "npy"}
 CODECS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+# A `.json` file's first non-empty line must end within this many bytes for it to count as JSON lines.
+SNIFF_BYTES = 1 << 20
 # Files up to this size are hashed whole for the fingerprint; larger ones by their size and sampled blocks.
 FULL_HASH_BYTES = 4 << 20
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK = 16, 64 << 10
@@ -54,7 +59,9 @@ class SourceFile:
     path: str  # absolute
     source: str  # the `data.sources` entry it came from
     size: int  # of the file as stored (compressed), or of an archive member
-    kind: str = "text"  # text | jsonl | parquet | arrow | bin | npy | zarr | tar
+    # text | jsonl | json (JSON lines or text, settled by `read_as` before it is cut) | parquet | arrow | bin | npy
+    # | zarr | tar
+    kind: str = "text"
     codec: str = ""  # the file's (or member's) compression: gzip | bz2 | xz | zstd, or none
     member: str = ""  # a member of the archive at `path`: its name in the archive
 
@@ -90,7 +97,42 @@ def kind_of(name: str, codec: str = "") -> str:
         return "tar"
     kind = RECORD_KINDS.get(Path(name).suffix, "text")
     # parquet and arrow are read by seeking in the file: compressed whole, they are read as (binary) text
-    return "text" if codec and kind != "jsonl" else kind
+    return "text" if codec and kind not in ("jsonl", "json") else kind
+
+
+def json_lines(head: bytes, text_field: str) -> bool:
+    """Whether a `.json` file whose first bytes are `head` (SNIFF_BYTES + 1 of them, or fewer when the file or its
+    first non-empty line ends sooner) is JSON lines: that line lies within the file's first SNIFF_BYTES and is a
+    JSON object holding a `text_field` string."""
+    start = 0
+    while (end := head.find(b"\n", start, SNIFF_BYTES + 1)) >= 0 and not head[start:end].strip():
+        start = end + 1  # a blank line
+    if end < 0 and len(head) > SNIFF_BYTES:  # the line goes on past the bound
+        return False
+    try:
+        rec = json.loads(head[start:end if end >= 0 else len(head)])
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply for the parser
+        return False
+    return isinstance(rec, dict) and isinstance(rec.get(text_field), str)
+
+
+def head(fh: BinaryIO) -> bytes:
+    """The first bytes of a file, as `json_lines` needs them: up to the end of its first non-empty line, at most
+    SNIFF_BYTES + 1."""
+    out = b""
+    while len(out) <= SNIFF_BYTES:
+        line = fh.readline(SNIFF_BYTES + 1 - len(out))
+        out += line
+        if not line or line.strip():
+            break
+    return out
+
+
+def read_as(f: SourceFile, head: bytes, text_field: str) -> SourceFile:
+    """f with its kind settled: a `json` file becomes `jsonl` or `text` by its first bytes (`json_lines`)."""
+    if f.kind != "json":
+        return f
+    return dataclasses.replace(f, kind="jsonl" if json_lines(head, text_field) else "text")
 
 
 def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> Iterator[Path]:

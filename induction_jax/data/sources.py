@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from ..base.config import ConfigError, DataConfig, first_line
-from . import streams
+from . import corpus, streams
 from .corpus import SourceFile, held_out
 
 PIECE_BYTES = 16 << 20  # source bytes per piece: bounds a worker's memory and the work a kill loses
@@ -258,7 +258,8 @@ def _token_pieces(f: SourceFile, eod_id: int, piece_bytes: int) -> list[Piece]:
 
 def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id: int = -1) -> list[Piece]:
     """The pieces of every file (of about `piece_bytes`, default PIECE_BYTES), in source order; checks record
-    files' text column and pre-tokenized arrays."""
+    files' text column and pre-tokenized arrays, and settles whether a plain `.json` file is JSON lines (a
+    compressed one is settled when it is read, on its decompressed start)."""
     piece_bytes = piece_bytes or PIECE_BYTES
     pieces: list[Piece] = []
     run: list[SourceFile] = []  # small text files gathered into one piece
@@ -272,6 +273,9 @@ def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id:
             run_bytes = 0
 
     for f in files:
+        if f.kind == "json" and not f.streamed:  # JSON lines or text: cut and read as the one it is
+            with open(f.path, "rb") as fh:
+                f = corpus.read_as(f, corpus.head(fh), cfg.text_field)
         if f.pretokenized:
             flush()
             pieces += _token_pieces(f, eod_id, piece_bytes)
@@ -311,13 +315,13 @@ def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id:
     return pieces
 
 
-def parts(piece: Piece, piece_bytes: int = 0) -> Iterator[Part]:
+def parts(piece: Piece, cfg: DataConfig, piece_bytes: int = 0) -> Iterator[Part]:
     """A streamed piece's parts, in order, each about `piece_bytes` (default PIECE_BYTES) of text; at least one,
     and together they account for all of the piece's stored bytes (Part.size)."""
     piece_bytes = piece_bytes or PIECE_BYTES
     part, done, reported = Part(), 0, 0  # stored bytes: of the files finished, and in the parts yielded
     for f in piece.files:
-        for item in streams.segments(f, piece_bytes):
+        for item in streams.segments(f, piece_bytes, cfg.text_field):
             if isinstance(item, str):
                 part.faults.append(item)
                 continue

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
 from ..base.config import ConfigError, first_line
-from .corpus import SourceFile, kind_of, split_codec
+from .corpus import SNIFF_BYTES, SourceFile, kind_of, read_as, split_codec
 
 READ = 1 << 20  # decompressed bytes asked for at a time (at most)
 _ZSTD_IN = 1 << 16  # compressed bytes fed to zstd at a time: bounds what one call returns
@@ -118,9 +118,10 @@ def open_stream(f: SourceFile, raw: BinaryIO) -> BinaryIO:
     return raw
 
 
-def _cut(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[], int]):
-    """Segments of f's decompressed bytes, cut as `sources._line_cuts` cuts a plain file of them; a read error
-    ends them with a _Fault."""
+def _cut(f: SourceFile, stream: BinaryIO, piece_bytes: int, text_field: str, consumed: Callable[[], int]):
+    """Segments of f's decompressed bytes, cut as `sources._line_cuts` cuts a plain file of them (a `.json` file
+    as JSON lines or text, by its decompressed start: `corpus.json_lines`); a read error ends them with a
+    _Fault."""
     buf, base, eof, fault = bytearray(), 0, False, None
 
     def fill(n: int) -> None:
@@ -134,6 +135,9 @@ def _cut(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[
             eof = not chunk
             buf.extend(chunk)
 
+    if f.kind == "json":
+        fill(SNIFF_BYTES + 1)
+        f = read_as(f, bytes(buf[:SNIFF_BYTES + 1]), text_field)
     while True:
         fill(piece_bytes + 1)
         if fault:
@@ -203,7 +207,8 @@ class _Tracked:
         return bytes(self.tail[max(start, 0):start + _BLOCK]) if start + _BLOCK > 0 else b""
 
 
-def _tar(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[], int]) -> Iterator[Segment | str]:
+def _tar(f: SourceFile, stream: BinaryIO, piece_bytes: int, text_field: str,
+         consumed: Callable[[], int]) -> Iterator[Segment | str]:
     tracked = _Tracked(stream)
     last = ""  # the last member read
 
@@ -234,7 +239,7 @@ def _tar(f: SourceFile, stream: BinaryIO, piece_bytes: int, consumed: Callable[[
         kind = kind_of(name, codec)
         member = SourceFile(f"{f.name}!{name}", f.path, f.source, info.size, "text" if kind == "tar" else kind,
                             codec, info.name)
-        for item in _cut(member, open_stream(member, tar.extractfile(info)), piece_bytes, consumed):
+        for item in _cut(member, open_stream(member, tar.extractfile(info)), piece_bytes, text_field, consumed):
             if not isinstance(item, _Fault):
                 yield item
             elif tracked.failed or isinstance(item.error, tarfile.TarError):  # the archive's, not the member's
@@ -260,12 +265,13 @@ def _fault_line(f: SourceFile, fault: _Fault) -> str:
         "the text after it is skipped" if fault.kept else "skipped")
 
 
-def segments(f: SourceFile, piece_bytes: int) -> Iterator[Segment | str]:
-    """The segments of a compressed file or archive, in order, and a one-line fault (a str) where it is damaged."""
+def segments(f: SourceFile, piece_bytes: int, text_field: str) -> Iterator[Segment | str]:
+    """The segments of a compressed file or archive, in order, and a one-line fault (a str) where it is damaged;
+    `text_field` is the field a `.json` file's first record must hold for it to be read as JSON lines."""
     with open(f.path, "rb") as raw:
         stream = open_stream(f, raw)
         if f.kind == "tar":
-            yield from _tar(f, stream, piece_bytes, raw.tell)
+            yield from _tar(f, stream, piece_bytes, text_field, raw.tell)
             return
-        for item in _cut(f, stream, piece_bytes, raw.tell):
+        for item in _cut(f, stream, piece_bytes, text_field, raw.tell):
             yield _fault_line(f, item) if isinstance(item, _Fault) else item
