@@ -6,7 +6,8 @@ processes split into documents and tokenize). Its decompressed bytes are cut exa
 plain file: a file shorter than a piece is one segment (one document, or its JSONL records); a longer one is cut
 after the first newline past each piece's length, so the documents get the names, and the split, of the
 decompressed file. Memory is bounded by two pieces of text (or one JSONL line longer than that), whatever the
-file's size.
+file's size. A `.json` file is cut and read as JSON lines or as text by its first decompressed line
+(`corpus.json_lines`), as a plain one is when it is planned.
 
 A tar archive is read member by member, in archive order (regular files only); a member is read as a file of its
 name would be (`a.jsonl` as JSONL, `b.txt.gz` decompressed), and its documents are named `<archive>!<member>`.
