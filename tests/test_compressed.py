@@ -429,3 +429,11 @@ def test_json_lines_is_decided_by_the_first_non_empty_line():
     assert not corpus.json_lines(b"\n" + long + b"\n", "text")  # it ends past the bound
     with io.BytesIO(b"\n\n" + line + b"\nmore\n") as fh:
         assert corpus.head(fh) == b"\n\n" + line + b"\n"
+
+
+def test_a_record_nested_past_the_parsers_depth_is_skipped_like_any_bad_record(tmp_path):
+    path = tmp_path / "c4.jsonl.gz"
+    lines = [json.dumps({"text": "kept one"}), "[" * 100_000, json.dumps({"text": "kept two"})]
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    out = read_all(path)
+    assert sorted(text for _, _, text in out["docs"]) == ["kept one", "kept two"] and out["skipped"] == 1

@@ -369,7 +369,7 @@ def _read_text(f: SourceFile, raw: bytes, offset: int, whole: bool, cfg: DataCon
         if line.strip():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # not JSON, or nested past the parser's depth
                 rec = None
             value = rec.get(cfg.text_field) if isinstance(rec, dict) else None
             if isinstance(value, str):
