@@ -17,9 +17,16 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m induction_jax.demo
 
-test: $(BIN)/.installed
+# Packages the tests need beyond the lock (zstandard for .zst sources), installed beside the venv rather than into
+# its site-packages, which the demo's corpus reads.
+$(VENV)/test-extras/.installed: $(BIN)/.installed requirements-test.lock
+	rm -rf $(VENV)/test-extras
+	$(BIN)/python -m pip install -q --require-hashes --no-deps --target $(VENV)/test-extras -r requirements-test.lock
+	touch $@
+
+test: $(BIN)/.installed $(VENV)/test-extras/.installed
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	PYTHONPATH=$(CURDIR)/$(VENV)/test-extras $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

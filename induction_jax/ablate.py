@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis import scoring
+from .analysis import job, scoring
 from .analysis.run import Run
 from .base import cli, logs
 from .base.config import UserError
@@ -34,6 +34,7 @@ def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]
 def main(argv=None) -> int:
     parser = cli.Parser(prog="python -m induction_jax.ablate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="mesh.* and analysis.* overrides")
     parser.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
     parser.add_argument("--kind", choices=KINDS, default="pattern")
     parser.add_argument("--path", choices=PATHS, default="total",
@@ -44,23 +45,27 @@ def main(argv=None) -> int:
     parser.add_argument("--before", type=int, help="snapshot step before the phase change (attribution)")
     parser.add_argument("--after", type=int, help="snapshot step after the phase change (attribution)")
     cli.add_progress_arg(parser)
-    args = parser.parse_args(argv)
+    job.add_args(parser)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     progress = not args.no_progress
     if args.before is not None and args.after is not None and args.before >= args.after:
         raise UserError(f"--before {args.before} is not earlier than --after {args.after}: the attribution compares "
                         "a snapshot before the phase change with one after it; swap them")
+    part = job.start(args)
     logs.divert()
-    run = Run(args.run_dir, args.out)
+    run = Run(args.run_dir, args.out, args.overrides)
     cfg = run.config.model
     head_list = parse_heads(args.heads, cfg.n_layers, cfg.n_heads) if args.heads else None
     ends = [s for s in (args.before, args.after) if s is not None]
     run.check_steps((args.steps or []) + ends)
     cli.check_writable(run.analysis_dir, "" if args.out else "; pass --out DIR to write them elsewhere")
-    with run.store.writing():  # the whole command: another analysis of the run is refused, not interleaved
-        scoring.ablate_run(run, args.steps, args.kind, head_list, progress=progress, path=args.path)
+    with job.holding([run], part):  # the whole command: another analysis of the run is refused, not interleaved
+        scoring.ablate_run(run, args.steps, args.kind, head_list, progress=progress, path=args.path, part=part)
         if ends:
-            scoring.analyze_run(run, ends, progress)
-        print(f"report: {markdown.write([run], args.out, before_after=(args.before, args.after))}")
+            scoring.analyze_run(run, ends, progress, part)
+        if job.gather([run], part):
+            print(f"report: {markdown.write([run], args.out, before_after=(args.before, args.after))}")
+        job.done()
     return 0
 
 

@@ -62,7 +62,10 @@ def corpus_label(cfg) -> str:
     """What the demo's corpus is, in words: the embedded one, or the sources a user named."""
     if is_embedded(cfg):
         return "the Python standard library" + (" and site-packages" if cfg.data.site_packages else "")
-    return ", ".join(cfg.data.sources)
+    weights = cfg.data.source_weights
+    if weights is None:
+        return ", ".join(cfg.data.source_paths)
+    return ", ".join(f"{path} (weight {w:g})" for path, w in zip(cfg.data.source_paths, weights))
 
 
 def _steps_done(run_dir: Path) -> int:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice: create it (or reuse it), install this checkout on every worker, start the same
-# `python -m induction_jax.train` on every worker with one log per worker, and start again after a preemption.
-# Resuming is automatic: the train loop restores the latest resume checkpoint in --run-dir.
+# Train, analyse or ablate on a Cloud TPU VM slice: create it (or reuse it), install this checkout on every worker,
+# start the same `python -m induction_jax.COMMAND` on every worker with one log per worker, and start again after
+# a preemption. Resuming is automatic: train restores the latest resume checkpoint in --run-dir; analyze and ablate
+# skip every result already in the run's store.
 #
-#   launch/tpu_pod.sh [--dry-run] --name NAME --zone ZONE --type ACCELERATOR_TYPE [options] -- TRAIN_ARGS...
+#   launch/tpu_pod.sh [--dry-run] [--command C] --name NAME --zone ZONE --type ACCELERATOR_TYPE [options] -- ARGS...
 #
+#   --command         train (default), analyze or ablate; ARGS go to `python -m induction_jax.C --no-progress`
 #   --type            v5litepod-256, v5p-2048, ... (see docs/scale.md for the slice each config needs)
 #   --version         TPU VM image (default: v2-alpha-tpuv5-lite for v5e, tpu-ubuntu2204-base otherwise)
 #   --project         gcloud project (default: gcloud's configured one)
@@ -13,18 +15,24 @@
 #   --logs DIR        where the per-worker logs go on this machine (default: launch_logs/NAME)
 #   --dry-run         print the commands instead of running them (queries gcloud for nothing)
 #
-# TRAIN_ARGS go to `python -m induction_jax.train` unchanged; --run-dir must be storage that every worker sees at
-# the same path (a Filestore/NFS mount or a gcsfuse-mounted bucket), since every worker writes its shards of each
-# checkpoint there. Example:
+# ARGS go to the command unchanged. What they name must be storage that every worker sees at the same path (a
+# Filestore/NFS mount or a gcsfuse-mounted bucket): train's --run-dir, since every worker writes its shards of
+# each checkpoint there; analyze's and ablate's RUN_DIRs and --out, as absolute paths, since every worker reads
+# the snapshots. The loop stops when worker 0's log of the last attempt shows the command finished: train's
+# "finished at step N"; analyze's and ablate's last line "report: PATH" ("part I of N: ..." with --part); with
+# analyze --no-report, worker 0's exit status 0. Examples:
 #   launch/tpu_pod.sh --name ij-6l --zone us-west4-a --type v5litepod-256 --spot -- \
 #       --config configs/full_6l.yaml --run-dir /mnt/runs/full_6l
+#   launch/tpu_pod.sh --command analyze --name ij-40l --zone us-west4-a --type v5litepod-128 -- \
+#       /mnt/runs/full_40l analysis.placement=sharded
 set -euo pipefail
 
-DRY_RUN=0 NAME="" ZONE="" TYPE="" VERSION="" PROJECT="" SPOT=0 MAX_RESTARTS=20 LOGS=""
+DRY_RUN=0 COMMAND=train NAME="" ZONE="" TYPE="" VERSION="" PROJECT="" SPOT=0 MAX_RESTARTS=20 LOGS=""
 die() { echo "error: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
+    --command) COMMAND="${2:?--command needs a value}"; shift ;;
     --name) NAME="${2:?--name needs a value}"; shift ;;
     --zone) ZONE="${2:?--zone needs a value}"; shift ;;
     --type) TYPE="${2:?--type needs a value}"; shift ;;
@@ -33,19 +41,36 @@ while [[ $# -gt 0 ]]; do
     --spot) SPOT=1 ;;
     --max-restarts) MAX_RESTARTS="${2:?--max-restarts needs a value}"; shift ;;
     --logs) LOGS="${2:?--logs needs a value}"; shift ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option $1 (train arguments go after --)" ;;
+    *) die "unknown option $1 (the command's arguments go after --)" ;;
   esac
   shift
 done
-TRAIN_ARGS=("$@")
+ARGS=("$@")
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
 [[ -n "$NAME" && -n "$ZONE" && -n "$TYPE" ]] || die "--name, --zone and --type are required (see --help)"
-[[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "no train arguments after -- (at least --config and --run-dir)"
-[[ " ${TRAIN_ARGS[*]} " == *" --run-dir "* ]] || die "give --run-dir on storage every worker shares"
+# FINISHED: the line worker 0 prints last when the command is done (grep -E); empty: its exit status 0 says so.
+case "$COMMAND" in
+  train)
+    [[ ${#ARGS[@]} -gt 0 ]] || die "no train arguments after -- (at least --config and --run-dir)"
+    [[ " ${ARGS[*]} " == *" --run-dir "* ]] || die "give --run-dir on storage every worker shares"
+    FINISHED="finished at step" ;;
+  analyze|ablate)
+    source "$REPO/launch/analysis_args.sh"
+    split_analysis_args "${ARGS[@]}"
+    [[ ${#RUN_DIRS[@]} -gt 0 ]] || die "no RUN_DIR after -- for $COMMAND (a run directory every worker shares)"
+    for d in "${RUN_DIRS[@]}" "${OUT_DIRS[@]}"; do
+      # A relative path would name a directory inside each worker's copy of the code, which the install deletes.
+      [[ "$d" == /* ]] || die "$d: give an absolute path on storage every worker shares"
+    done
+    if [[ " ${ARGS[*]} " == *" --part "* || " ${ARGS[*]} " == *" --part="* ]]; then FINISHED="^part [0-9]+ of [0-9]+"
+    elif [[ "$COMMAND" == analyze && " ${ARGS[*]} " == *" --no-report "* ]]; then FINISHED=""
+    else FINISHED="^report: "; fi ;;
+  *) die "--command $COMMAND: expected train, analyze or ablate" ;;
+esac
 [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts must be a number"
 LOGS="${LOGS:-launch_logs/$NAME}"
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
 
 # Hosts in the slice: v5e and v6e name their chips (4 per host, 8 on a single-host slice); v4 and v5p name their
 # TensorCores (2 per chip, 4 chips per host).
@@ -111,9 +136,13 @@ install_code() {
     "rm -rf ~/induction_jax && mkdir ~/induction_jax && tar -xzf ~/induction_jax.tgz -C ~/induction_jax && python3 -m venv ~/induction_jax_venv && ~/induction_jax_venv/bin/pip install -q -e \"\$HOME/induction_jax[tpu]\""
 }
 
-train_once() {  # one attempt on every worker, each into its own log; 0 when worker 0 reports the run finished
-  local n="$1" attempt="$2" cmd pids=() w
-  cmd="cd ~/induction_jax && ~/induction_jax_venv/bin/python -m induction_jax.train --no-progress $(quote "${TRAIN_ARGS[@]}")"
+last_attempt() {  # worker 0's log from the latest "=== attempt" line on
+  awk '/^=== attempt / { out = ""; next } { out = out $0 "\n" } END { printf "%s", out }' "$LOGS/worker-0.log"
+}
+
+run_once() {  # one attempt on every worker, each into its own log; 0 when worker 0 says the command finished
+  local n="$1" attempt="$2" cmd pids=() w rc0=0
+  cmd="cd ~/induction_jax && ~/induction_jax_venv/bin/python -m induction_jax.$COMMAND --no-progress $(quote "${ARGS[@]}")"
   run mkdir -p "$LOGS"
   for (( w = 0; w < n; w++ )); do
     # Each worker joins the job by itself: sharding.initialize_distributed detects the TPU VM.
@@ -126,23 +155,32 @@ train_once() {  # one attempt on every worker, each into its own log; 0 when wor
   done
   echo "+ wait"
   [[ $DRY_RUN -eq 1 ]] && return 0
-  for pid in "${pids[@]}"; do wait "$pid" || true; done
-  # A preempted run saves and exits 0 too; only "finished at step" means there is nothing left to do.
-  tail -n 5 "$LOGS/worker-0.log" | grep -q "finished at step"
+  wait "${pids[0]}" || rc0=$?
+  for pid in "${pids[@]:1}"; do wait "$pid" || true; done
+  # A preempted training saves and exits 0 too; only "finished at step" means there is nothing left to do.
+  if [[ "$COMMAND" == train ]]; then tail -n 5 "$LOGS/worker-0.log" | grep -q "$FINISHED"; return; fi
+  if [[ -z "$FINISHED" ]]; then return "$rc0"; fi
+  last_attempt | tail -n 5 | grep -qE "$FINISHED"
 }
 
 [[ $DRY_RUN -eq 1 ]] || command -v gcloud >/dev/null || die "gcloud is not installed (https://cloud.google.com/sdk)"
 N_WORKERS="$(workers_for "$TYPE")"
+if [[ "$COMMAND" == train ]]; then RESUMES="training resumes from the latest checkpoint"
+else RESUMES="$COMMAND resumes, skipping every result already stored"; fi
 echo "# $TYPE: $N_WORKERS worker(s); logs in $LOGS/worker-<i>.log"
 for (( attempt = 0; attempt <= MAX_RESTARTS; attempt++ )); do
   ensure_slice
   # The first attempt installs even on a reused slice, so it never runs an older copy of the code.
   if [[ $attempt -eq 0 || $FRESH -eq 1 ]]; then install_code; fi
-  if train_once "$N_WORKERS" "$attempt"; then
-    [[ $DRY_RUN -eq 1 ]] && echo "# dry run: after a preemption or a lost worker this loop runs again (at most $MAX_RESTARTS times); training resumes from the latest checkpoint"
-    [[ $DRY_RUN -eq 1 ]] || echo "finished: see $LOGS/worker-0.log"
+  if run_once "$N_WORKERS" "$attempt"; then
+    if [[ $DRY_RUN -eq 1 ]]; then
+      echo "# dry run: after a preemption or a lost worker this loop runs again (at most $MAX_RESTARTS times); $RESUMES"
+    else
+      [[ "$COMMAND" == train || -z "$FINISHED" ]] || last_attempt | grep -E "$FINISHED" || true
+      echo "finished: see $LOGS/worker-0.log"
+    fi
     exit 0
   fi
-  echo "# attempt $attempt did not finish (preempted or a worker was lost); starting again from the latest checkpoint"
+  echo "# attempt $attempt did not finish (preempted or a worker was lost); starting again: $RESUMES"
 done
 die "gave up after $MAX_RESTARTS restarts; see $LOGS"

@@ -5,6 +5,7 @@ import hashlib
 import json
 import platform
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def lock_mismatches(lock: str | Path = demo.LOCK) -> list[str]:
             have = "none"
         if have != m[2]:
             out.append(f"{m[1]}: installed {have}, locked {m[2]}")
-    for dist in metadata.distributions():
+    # The corpus reads site-packages, not what PYTHONPATH adds (make test's zstandard, kept out of the corpus).
+    site = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    for dist in metadata.distributions(path=site):
         name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
         if name and name not in locked:
             out.append(f"{name}: installed {dist.version}, not in the lock")

@@ -4,6 +4,7 @@ command lines, config values, paths that cannot be directories, and corpora that
 import gzip
 import os
 import re
+import zipfile
 
 import pytest
 
@@ -123,14 +124,22 @@ def test_a_truncated_parquet_is_refused_naming_it(base, tmp_path):
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
 
 
-def test_a_directory_of_compressed_files_is_named_as_such(tmp_path):
-    src = tmp_path / "gz"
+@pytest.mark.parametrize("suffix,needle", [
+    ("txt", "3 file(s) are compressed (gzip) but not named .gz, e.g. {src}/part-0.txt; add the suffix"),
+    ("zip", "3 file(s) are zip archives, e.g. {src}/part-0.zip, which are not read; unpack them"),
+])
+def test_a_directory_of_compressed_files_it_cannot_read_is_named_as_such(tmp_path, suffix, needle):
+    src = tmp_path / "packed"
     src.mkdir()
     for i in range(3):
-        (src / f"part-{i}.txt.gz").write_bytes(gzip.compress(f"def f{i}():\n    return {i}\n".encode() * 200))
+        text = f"def f{i}():\n    return {i}\n" * 200
+        if suffix == "zip":
+            with zipfile.ZipFile(src / f"part-{i}.zip", "w") as z:
+                z.writestr(f"part-{i}.py", text)
+        else:  # gzip data under a name that does not say so
+            (src / f"part-{i}.txt").write_bytes(gzip.compress(text.encode()))
     cfg = config.load(TINY, [f"data.sources=[{src}]", f"data.cache_dir={tmp_path / 'cache'}", "data.workers=1"])
-    one_line_config_error(cfg, f"'{src}': no readable text: 3 file(s) are compressed (gzip), e.g. {src}/part-0.txt.gz",
-                          "decompress them first")
+    one_line_config_error(cfg, f"'{src}': no readable text: " + needle.format(src=src))
 
 
 # -- ablate's attribution ------------------------------------------------------------------------------------------

@@ -42,9 +42,18 @@ class RunResults:
         self.window = None
         self.composition, self.composition_steps, self.composition_baseline = None, np.zeros(0, int), None
         self.composition_ceiling = None
+        # A mixture's eval set is per source: its sources' names and the ±window ICL score of each, [S, K] (None
+        # for an unweighted corpus or a single source).
+        self.source_names: tuple[str, ...] = ()
+        self.icl_window_by_source = None
         if not len(self.steps):
             return
         self.losses_SNP = records.losses(run.store)
+        es = run.eval_set
+        if len(es.source_names) > 1:
+            self.source_names = es.source_names
+            self.icl_window_by_source = evaluate.icl_by_group(self.losses_SNP, es.source_N, len(es.source_names),
+                                                              *run.icl_indices, run.config.eval.icl_window)
         self.scores_SLHM = records.head_scores(run.store)
         random_index_N = run.eval_set.random_index_N
         self.random_SN = np.stack([evaluate.random_token_view(x, random_index_N) for x in self.losses_SNP])

@@ -8,11 +8,14 @@ stored analysis results.
 
 Opening a run reads config.yaml only; the eval set is read from the run directory (eval_set.npz, data/evalset.py)
 on first use. Methods that compute now take params (`losses_of`, `measures_of`); those that read the results
-store start with `stored_`.
+store start with `stored_`. Snapshots restore replicated on every device, or sharded over the run's mesh when
+they would not fit one (`analysis.placement`, analysis/placement.py); `Run(path, overrides=["mesh.fsdp=8",
+"analysis.dtype=bfloat16"])` changes the mesh, the placement and the dtype, the only keys an analysis may change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -24,32 +27,36 @@ from ..data import evalset
 from ..measures import composition, evaluate, heads
 from ..model import model as model_lib
 from ..training import checkpoint
+from . import placement as placement_lib
 from . import records
 from .store import EVAL, Store, store_key
 
 ANALYSIS_DIR = "analysis"  # a run's results store, figures and report.md, unless told otherwise
+OVERRIDABLE = ("mesh.", "analysis.")  # what an analysis may change of the run's config: where and how it runs
 
 
 class Run:
     """A run directory: config, committed snapshots, eval set, and the results store under its analysis directory
-    (RUN_DIR/analysis unless `analysis_dir` says otherwise). Snapshots restore onto this process's devices,
-    whatever mesh trained them."""
+    (RUN_DIR/analysis unless `analysis_dir` says otherwise). Snapshots restore onto the devices of `placement`,
+    whatever mesh trained them; `overrides` (dotted key=value) may change the run's mesh.* and analysis.* keys."""
 
-    def __init__(self, path: str | Path, analysis_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, analysis_dir: str | Path | None = None, overrides=()):
         self.path = Path(path)
         self.reader = checkpoint.SnapshotReader(self.path)  # RunDirError if it is not a run
         cfg_path = self.path / config_lib.CONFIG_FILE
         if not cfg_path.exists():
             raise checkpoint.RunDirError(f"{self.path}: not a run directory (no {config_lib.CONFIG_FILE})")
-        self.config: Config = config_lib.load(cfg_path)
-        self.model = model_lib.make(self.config.model)
+        fixed = [o for o in overrides if not o.startswith(OVERRIDABLE)]
+        if fixed:
+            raise UserError(f"{fixed[0]}: an analysis reads the run's own config; only mesh.* and analysis.* keys "
+                            "may be changed")
+        self.config: Config = config_lib.load(cfg_path, overrides)
+        # The forward passes compute in analysis.dtype (the logits and losses stay float32).
+        self.model = model_lib.make(dataclasses.replace(self.config.model, dtype=self.config.analysis.dtype))
         self.analysis_dir = Path(analysis_dir) if analysis_dir else self.path / ANALYSIS_DIR
         self._eval: evalset.EvalSet | None = None
         self._store: Store | None = None
-        # Eval batches are split over this process's devices; params are replicated on them.
-        devices = jax.local_devices()
-        self.mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-        self.eval_batch = -(-self.config.eval.batch_size // len(devices)) * len(devices)
+        self._placement: placement_lib.Placement | None = None
 
     @property
     def name(self) -> str:
@@ -64,11 +71,34 @@ class Run:
     def tokens_at(self, step: int) -> int:
         return int(self.reader.metadata(step)["tokens_seen"])
 
+    @property
+    def placement(self) -> placement_lib.Placement:
+        """Where snapshots are restored and measured (analysis/placement.py), chosen on first use and said once on
+        stdout."""
+        if self._placement is None:
+            self._placement = placement_lib.choose(self.config)
+            self.reader.local = not self._placement.sharded  # each process restores its own snapshots
+            if jax.process_index() == 0:
+                print(f"{self.name}: {self._placement.why}", flush=True)
+        return self._placement
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.placement.mesh
+
+    @property
+    def eval_batch(self) -> int:
+        """`eval.batch_size` rounded up to split evenly over the devices a batch is split over."""
+        ways = self.placement.batch_ways
+        return -(-self.config.eval.batch_size // ways) * ways
+
     def params(self, step: int):
-        """The snapshot's parameters, replicated on this process's devices."""
+        """The snapshot's parameters in `analysis.dtype`, placed as `placement` says (replicated, or sharded over
+        the mesh with the training's parameter shardings)."""
+        dtype = jax.numpy.dtype(self.config.analysis.dtype)
         abstract = model_lib.abstract_params(self.config.model)
-        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), abstract,
+                              self.placement.param_shardings(self.config))
         return self.reader.restore(step, target)
 
     def check_steps(self, steps=None) -> None:
@@ -100,18 +130,19 @@ class Run:
 
     # -- measuring a snapshot now ------------------------------------------------------------------------
     def losses_of(self, params) -> np.ndarray:
-        """[N, L-1] per-token losses of `params` on the eval set, computed now (batches split over this process's
-        devices)."""
-        batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("batch"))
-        return evaluate.per_token_losses(self.model, params, self.eval_set.tokens_NL, self.eval_batch,
-                                         sharding=batch)
+        """[N, L-1] per-token losses of `params` on the eval set, computed now: each batch split over the placement's
+        batch axes, through the fused attention where the model trains with it (no pattern is kept)."""
+        with jax.set_mesh(self.mesh):
+            return evaluate.per_token_losses(self.model, params, self.eval_set.tokens_NL, self.eval_batch,
+                                             sharding=self.placement.batch)
 
     def measures_of(self, params, measures=heads.MEASURES) -> dict[str, np.ndarray]:
         """{measure: [layers, heads]} of `params` (heads.score), computed now: the random draws use the same seed
         at every snapshot, and the previous-token score reads the first 64 eval windows."""
         es = self.eval_set
-        return heads.score(self.model, params, self.config.eval, heads.pool_sampler(es.pool_P), es.bos_id,
-                           self.config.data.eval_seed, es.tokens_NL[:64], measures)
+        with jax.set_mesh(self.mesh):
+            return heads.score(self.model, params, self.config.eval, heads.pool_sampler(es.pool_P), es.bos_id,
+                               self.config.data.eval_seed, es.tokens_NL[:64], measures)
 
     # -- stored results ----------------------------------------------------------------------------------
     @property

@@ -85,8 +85,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class WeightedSource:
+    """A `data.sources` entry of a weighted mixture, written `{path: ..., weight: ...}`."""
+    path: str
+    weight: float  # > 0; the loader draws this source's share of windows as weight / sum of weights
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[str, ...] = ("python-stdlib",)
+    # Each entry a path (str): one corpus, the sources' documents concatenated. Or every entry a WeightedSource:
+    # a mixture, each source's windows drawn in proportion to its weight (data/dataset.py, MixtureLoader).
+    # Typed Any because OmegaConf has no str-or-mapping union; `build` normalises the entries.
+    sources: tuple[Any, ...] = ("python-stdlib",)
     site_packages: bool = False  # with python-stdlib: also the interpreter's site-packages
     text_field: str = "text"  # the field (JSONL) or column (parquet, arrow, HF datasets) holding the text
     tokenizer: str = ""  # path to an existing tokenizer.json; empty = train one; required for pre-tokenized sources
@@ -98,6 +108,18 @@ class DataConfig:
     seed: int = 0  # data order; all models of a family share it
     eval_seed: int = 0  # the eval set and the head evaluators' random draws: fixed across data orders
     cache_dir: str = ""  # empty = $INDUCTION_JAX_CACHE or ~/.cache/induction_jax
+
+    @property
+    def source_paths(self) -> tuple[str, ...]:
+        """Every source's path, weighted or not."""
+        return tuple(s.path if isinstance(s, WeightedSource) else s for s in self.sources)
+
+    @property
+    def source_weights(self) -> tuple[float, ...] | None:
+        """The mixture's weights, in source order; None for an unweighted corpus."""
+        if self.sources and isinstance(self.sources[0], WeightedSource):
+            return tuple(s.weight for s in self.sources)
+        return None
 
 
 @dataclass(frozen=True)
@@ -165,6 +187,20 @@ class EvalConfig:
     copying_measure: str = "ov"  # classifies induction heads: ov (OV-circuit eigenvalues) or evaluator
 
 
+PLACEMENTS = ("auto", "replicated", "sharded")  # analysis.placement
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How analyze/ablate place a snapshot (analysis/placement.py); read from the run's config, overridable on the
+    command line. Training ignores it."""
+    dtype: str = "float32"  # parameters as restored and the forward passes' compute dtype: float32 or bfloat16
+    # auto: replicated on every device where the parameters fit one, else sharded over the mesh.* mesh with the
+    # training's parameter shardings.
+    placement: str = "auto"
+    fit_fraction: float = 0.25  # auto: the share of one device's memory the replicated parameters may take
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +209,7 @@ class Config:
     snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
@@ -229,8 +266,55 @@ def build(layers: Sequence[tuple[str, dict]] = (), overrides: Sequence[str] = ()
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {_one_line(e)}") from None
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=_sources(cfg.data.sources, source)))
     validate(cfg, source)
     return cfg
+
+
+def _sources(entries: Sequence[Any], source: str) -> tuple[str | WeightedSource, ...]:
+    """`data.sources` as plain paths (str) or, when the entries carry weights, WeightedSource entries; a malformed
+    entry, a weight that is not a number > 0, or a list mixing weighted and unweighted entries is a ConfigError."""
+
+    def fail(key: str, why: str):
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    out: list[str | WeightedSource] = []
+    for i, entry in enumerate(entries):
+        key = f"data.sources[{i}]"
+        if isinstance(entry, WeightedSource):  # a config built from a Config (e.g. config.yaml's round trip)
+            entry = dataclasses.asdict(entry)
+        if not isinstance(entry, dict):
+            if entry is None or isinstance(entry, (list, tuple)):
+                fail(key, f"{entry!r} is neither a path nor a {{path: ..., weight: ...}} mapping")
+            out.append(str(entry))
+            continue
+        unknown = sorted(set(entry) - {"path", "weight"})
+        if unknown:
+            fail(key, f"unknown key {unknown[0]!r}; a weighted source is {{path: ..., weight: ...}}")
+        path, weight = entry.get("path"), entry.get("weight")
+        if not isinstance(path, str) or not path:
+            fail(f"{key}.path", "missing; a weighted source is {path: ..., weight: ...}" if path is None
+                 else f"{path!r} is not a path")
+        if weight is None:
+            fail(f"{key}.weight", f"missing for {path!r}; give every source a weight, or none")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            fail(f"{key}.weight", f"{weight!r} is not a number")
+        if not 0 < weight < float("inf"):  # also NaN
+            fail(f"{key}.weight", f"must be > 0, got {weight!r}")
+        out.append(WeightedSource(path, float(weight)))
+    weighted = [isinstance(e, WeightedSource) for e in out]
+    if any(weighted) and not all(weighted):
+        plain = weighted.index(False)
+        fail(f"data.sources[{plain}].weight", f"missing for {out[plain]!r} while data.sources[{weighted.index(True)}] "
+             "has one; give every source a weight, or none")
+    if any(weighted):
+        seen: dict[str, int] = {}
+        for i, e in enumerate(out):
+            if e.path in seen:
+                fail(f"data.sources[{i}].path", f"{e.path!r} is also data.sources[{seen[e.path]}]; a mixture names "
+                     "each source once")
+            seen[e.path] = i
+    return tuple(out)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -302,6 +386,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             fail("model.smear_init", f"{m.smear_init} must be strictly between 0 and 1 (it is sigma(alpha))")
     if m.positions == "rotary" and m.d_head % 2:
         fail("model.n_heads", f"rotary positions need an even d_head, got {m.d_head}")
+    if cfg.analysis.dtype not in DTYPES:
+        fail("analysis.dtype", f"{cfg.analysis.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.analysis.placement not in PLACEMENTS:
+        fail("analysis.placement", f"{cfg.analysis.placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if not 0 < cfg.analysis.fit_fraction <= 1:
+        fail("analysis.fit_fraction", f"{cfg.analysis.fit_fraction} must be in (0, 1]")
     if cfg.eval.copying_measure not in COPYING_MEASURES:
         fail("eval.copying_measure", f"{cfg.eval.copying_measure!r} is not one of {', '.join(COPYING_MEASURES)}")
     if t.decay not in ("constant", "cosine"):
@@ -340,6 +430,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("data.eval_fraction", f"{cfg.data.eval_fraction} must be strictly between 0 and 1")
     if not cfg.data.sources:
         fail("data.sources", "is empty")
+    if not all(isinstance(s, (str, WeightedSource)) for s in cfg.data.sources):
+        fail("data.sources", "entries must be paths or {path: ..., weight: ...} mappings")
+    if cfg.data.source_weights is not None and cfg.data.eval_examples < len(cfg.data.sources):
+        fail("data.eval_examples", f"{cfg.data.eval_examples} is fewer than the mixture's {len(cfg.data.sources)} "
+             "sources, and its eval set takes windows from each")
     if cfg.data.tokenizer_sample_bytes < 1:
         fail("data.tokenizer_sample_bytes", f"must be >= 1, got {cfg.data.tokenizer_sample_bytes}")
     if cfg.data.workers < 0:

@@ -2,11 +2,18 @@
 
 A source (`data.sources` entry) is `python-stdlib`, a file, a directory (every file below it), or a glob pattern.
 Files ending in `.jsonl`, `.parquet` or `.arrow` hold one document per record (the `data.text_field` string or
-column); a directory written by Hugging Face `datasets` (`save_to_disk`, a Dataset or a DatasetDict) is read
-through its arrow files. A pre-tokenized source is a flat uint16 `.bin` (nanoGPT's format), a 1-D integer
-`.npy`, or a zarr array directory, named as a source or matched by a glob (not swept up by a directory walk,
-where such files count as binary), and read with `data.tokenizer`. Every user mistake
-is a one-line `ConfigError` naming the source.
+column). A `.json` file is JSON lines, read as a `.jsonl` file is, when its first non-empty line is a JSON object
+holding a `data.text_field` string (C4's `.json.gz` files), and one text document otherwise (`json_lines` decides
+from the file's first bytes, decompressed if it is compressed). A directory written by Hugging Face `datasets`
+(`save_to_disk`, a Dataset or a DatasetDict) is read through its arrow files. A pre-tokenized source is a flat
+uint16 `.bin` (nanoGPT's format), a 1-D integer `.npy`, or a zarr array directory, named as a source or matched by
+a glob (not swept up by a directory walk, where such files count as binary), and read with `data.tokenizer`.
+Every user mistake is a one-line `ConfigError` naming the source.
+
+A text, JSON or JSONL file may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`), and a `.tar` archive (also `.tar.gz`,
+`.tgz`, `.tar.bz2`, `.tar.xz`, `.tar.zst`) holds documents: its members are read as files of their names would be
+(`data.streams` reads both). A compressed file is named without its compression suffix, so `dir/a.txt.gz` gives
+the documents, and the split, of `dir/a.txt`; a member is named `<archive>!<member>` by the same rule.
 
 Each document carries a machine-independent `name` (e.g. `python-stdlib/json/decoder.py`): the train/held-out
 split is a hash of that name, so the same interpreter version splits identically on every machine.
@@ -14,6 +21,7 @@ split is a hash of that name, so the same interpreter version splits identically
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -21,7 +29,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -35,8 +43,11 @@ SPECIAL_TOKENS = (BOS, EOD)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 # Installed-package trees inside the stdlib directory belong to `site_packages`, not to the stdlib.
 _NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
-RECORD_KINDS = {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+RECORD_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TOKEN_SUFFIXES = {".bin": "bin", ".npy": "npy"}
+CODECS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+# A `.json` file's first non-empty line must end within this many bytes for it to count as JSON lines.
+SNIFF_BYTES = 1 << 20
 # Files up to this size are hashed whole for the fingerprint; larger ones by their size and sampled blocks.
 FULL_HASH_BYTES = 4 << 20
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK = 16, 64 << 10
@@ -47,25 +58,97 @@ class SourceFile:
     name: str  # machine-independent; hashed for the split
     path: str  # absolute
     source: str  # the `data.sources` entry it came from
-    size: int
-    kind: str = "text"  # text | jsonl | parquet | arrow | bin | npy | zarr
+    size: int  # of the file as stored (compressed), or of an archive member
+    # text | jsonl | json (JSON lines or text, settled by `read_as` before it is cut) | parquet | arrow | bin | npy
+    # | zarr | tar
+    kind: str = "text"
+    codec: str = ""  # the file's (or member's) compression: gzip | bz2 | xz | zstd, or none
+    member: str = ""  # a member of the archive at `path`: its name in the archive
 
     @property
     def pretokenized(self) -> bool:
         return self.kind in ("bin", "npy", "zarr")
 
+    @property
+    def streamed(self) -> bool:
+        """Read as a stream (decompressed, or an archive's members in turn): it cannot be cut by byte offset."""
+        return bool(self.codec) or self.kind == "tar"
+
+    @property
+    def label(self) -> str:
+        """Where it is, for messages: the path, or `<archive path>!<member>`."""
+        return f"{self.path}!{self.member}" if self.member else self.path
+
+
+def split_codec(name: str) -> tuple[str, str]:
+    """(the name without its compression suffix, the codec): `a.jsonl.gz` -> (`a.jsonl`, gzip); `b.tgz` ->
+    (`b.tar`, gzip); a name without one is returned as it is, with codec ""."""
+    for suffix, codec in CODECS.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], codec
+    if name.endswith(".tgz") and len(name) > 4:
+        return name[:-4] + ".tar", "gzip"
+    return name, ""
+
+
+def kind_of(name: str, codec: str = "") -> str:
+    """The kind of a file (or archive member) named `name` (its compression suffix removed)."""
+    if name.endswith(".tar"):
+        return "tar"
+    kind = RECORD_KINDS.get(Path(name).suffix, "text")
+    # parquet and arrow are read by seeking in the file: compressed whole, they are read as (binary) text
+    return "text" if codec and kind not in ("jsonl", "json") else kind
+
+
+def json_lines(head: bytes, text_field: str) -> bool:
+    """Whether a `.json` file whose first bytes are `head` (SNIFF_BYTES + 1 of them, or fewer when the file or its
+    first non-empty line ends sooner) is JSON lines: that line lies within the file's first SNIFF_BYTES and is a
+    JSON object holding a `text_field` string."""
+    start = 0
+    while (end := head.find(b"\n", start, SNIFF_BYTES + 1)) >= 0 and not head[start:end].strip():
+        start = end + 1  # a blank line
+    if end < 0 and len(head) > SNIFF_BYTES:  # the line goes on past the bound
+        return False
+    try:
+        rec = json.loads(head[start:end if end >= 0 else len(head)])
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply for the parser
+        return False
+    return isinstance(rec, dict) and isinstance(rec.get(text_field), str)
+
+
+def head(fh: BinaryIO) -> bytes:
+    """The first bytes of a file, as `json_lines` needs them: up to the end of its first non-empty line, at most
+    SNIFF_BYTES + 1."""
+    out = b""
+    while len(out) <= SNIFF_BYTES:
+        line = fh.readline(SNIFF_BYTES + 1 - len(out))
+        out += line
+        if not line or line.strip():
+            break
+    return out
+
+
+def read_as(f: SourceFile, head: bytes, text_field: str) -> SourceFile:
+    """f with its kind settled: a `json` file becomes `jsonl` or `text` by its first bytes (`json_lines`)."""
+    if f.kind != "json":
+        return f
+    return dataclasses.replace(f, kind="jsonl" if json_lines(head, text_field) else "text")
+
 
 def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in prune)
-        for f in sorted(filenames):
+        # ordered by the names the documents get: a compressed copy of a directory is read in the same order
+        for f in sorted(filenames, key=lambda f: (split_codec(f)[0], f)):
             if f.endswith(suffix):
                 yield Path(dirpath) / f
 
 
 def _stat(name: str, path: Path, source: str, kind: str | None = None) -> SourceFile:
-    kind = kind or RECORD_KINDS.get(path.suffix, "text")
-    return SourceFile(name, str(path.resolve()), source, path.stat().st_size, kind)
+    if kind:
+        return SourceFile(name, str(path.resolve()), source, path.stat().st_size, kind)
+    name, codec = split_codec(name)
+    return SourceFile(name, str(path.resolve()), source, path.stat().st_size, kind_of(name, codec), codec)
 
 
 def _stdlib_files(site_packages: bool) -> list[SourceFile]:
@@ -128,7 +211,7 @@ def _resolve_one(src: str, site_packages: bool) -> list[SourceFile]:
 def resolve(cfg: DataConfig) -> list[SourceFile]:
     """Every file the sources name, deduplicated by real path, in source order."""
     files: list[SourceFile] = []
-    for src in cfg.sources:
+    for src in cfg.source_paths:
         found = _resolve_one(src, cfg.site_packages)
         if not found:
             raise ConfigError(f"data.sources: {src!r}: contains no files")

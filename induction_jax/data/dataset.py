@@ -3,13 +3,15 @@
 `prepare(cfg)` turns `data.sources` into a directory keyed by a fingerprint of its inputs (see `fingerprint`):
 tokenizer.json, metadata.json, documents-train.txt / documents-eval.txt (document names per split, one JSON
 string a line) and tensorstore zarr arrays `train_tokens`, `eval_tokens` (documents each followed by
-`<|eod|>`), `eval_windows` [N, L], `eval_index` [N] and `frequencies` [V]. It streams (see `build`): memory does
+`<|eod|>`), `eval_windows` [N, L], `eval_index` [N] and `frequencies` [V]; a weighted mixture's also records
+each source's token ranges (metadata's `mixture`) and `eval_source` [N]. It streams (see `build`): memory does
 not grow with the corpus, and a killed prepare resumes where it stopped. A directory with that name is always
 whole: it is built under a temporary name and renamed into place when complete.
 
 `Loader` makes the global batch of step s a pure function of (seed, s) (docs/method.md §7): no iterator state to
 checkpoint, and resuming on any number of processes reproduces an uninterrupted run exactly. It reads its windows
-lazily from the token store, so a host holds only the rows it asked for.
+lazily from the token store, so a host holds only the rows it asked for. `MixtureLoader` does the same for a
+weighted mixture, each batch holding the sources in the weights' proportions; `make_loader` picks one.
 
 CLI: `python -m induction_jax.data prepare --config configs/X.yaml [key=value ...]` (__main__.py).
 """
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
 import socket
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +76,11 @@ def fingerprint(cfg: Config, files: list[corpus.SourceFile], tokenizer_sha: str 
         "eval": [d.eval_examples, eval_length(cfg), d.eval_seed, d.eval_fraction],
         "pieces": sources.PIECE_BYTES, "tokenizer_sample_bytes": 0 if tokenizer_sha else d.tokenizer_sample_bytes,
     }
+    if d.source_weights is not None:
+        # A mixture's store records each source's token ranges and draws its eval set per source. The key is
+        # added only here, so an unweighted corpus keeps its fingerprint; the weights themselves stay out (they
+        # change only the loader).
+        payload["mixture"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -218,10 +227,27 @@ class Prepared:
     def eval_tokens(self) -> np.ndarray:
         return tokenstore.read(self.path, "eval_tokens")
 
+    @property
+    def mixture(self) -> dict | None:
+        """A weighted mixture's sources and their token counts per split ({"sources": [K paths], "tokens":
+        {"train": [K], "eval": [K]}}; each source's tokens are one range of each stream, in source order); None for
+        an unweighted corpus."""
+        return self.metadata.get("mixture")
+
+    def source_ranges(self, split: str) -> list[tuple[int, int]]:
+        """[(start, stop)] of each source of a mixture in the `split` ("train" or "eval") token stream."""
+        sizes = np.asarray(self.mixture["tokens"][split], np.int64)
+        ends = np.cumsum(sizes)
+        return [(int(e - n), int(e)) for n, e in zip(sizes, ends)]
+
+    def eval_sources(self) -> np.ndarray | None:
+        """A mixture's eval set: each window's source index, int32 [N] (order of `mixture["sources"]`)."""
+        return self._array("eval_source").astype(np.int32) if self.mixture else None
+
     def eval_set(self) -> tuple[np.ndarray, np.ndarray]:
         """(tokens_NL int32, random token index_N int32), checked against the stored hash."""
         windows_NL, index_N = self._array("eval_windows"), self._array("eval_index")
-        if sha256_eval(windows_NL, index_N) != self.eval_hash:
+        if sha256_eval(windows_NL, index_N, self.eval_sources()) != self.eval_hash:
             raise ValueError(f"{self.path}: eval set does not match its sha256 {self.eval_hash}; prepare again")
         return windows_NL.astype(np.int32), index_N.astype(np.int32)
 
@@ -247,9 +273,18 @@ class Prepared:
 
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
+def _epoch_seed(seed: int, epoch: int, *stream: int) -> int:
     # Grain's own per-epoch reseeding is seed + epoch, which makes (seed, epoch + 1) repeat (seed + 1, epoch).
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
+    return int(np.random.SeedSequence([seed, *stream, epoch]).generate_state(1, np.uint32)[0])
+
+
+def make_loader(prepared: Prepared, seq_len: int, global_batch: int, seed: int,
+                weights: tuple[float, ...] | None = None) -> Loader:
+    """The loader of `data.sources`: `MixtureLoader` with the weights of a weighted mixture (`data.source_weights`),
+    else `Loader`."""
+    if weights is None:
+        return Loader(prepared, seq_len, global_batch, seed)
+    return MixtureLoader(prepared, seq_len, global_batch, seed, weights)
 
 
 class Loader:
@@ -283,14 +318,19 @@ class Loader:
             self._epochs[e] = grain.MapDataset.range(self.windows_per_epoch).shuffle(seed=_epoch_seed(self.seed, e))
         return self._epochs[e]
 
+    def starts(self, step: int, rows_R: np.ndarray) -> np.ndarray:
+        """int64 [R]: where in the train stream each of the given rows of step's global batch starts."""
+        flat_R = step * self.batch_size + np.asarray(rows_R, np.int64)
+        windows_R = np.array([self.epoch(e)[p] for e, p in (divmod(int(g), self.windows_per_epoch) for g in flat_R)],
+                             np.int64)
+        return windows_R * self.seq_len
+
     def rows(self, step: int, rows_R: np.ndarray) -> np.ndarray:
         """The given rows of step's global batch, int32 [R, seq_len]."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        flat_R = step * self.batch_size + np.asarray(rows_R, np.int64)
-        windows_R = np.array([self.epoch(e)[p] for e, p in (divmod(int(g), self.windows_per_epoch) for g in flat_R)],
-                             np.int64)
-        return tokenstore.windows(self._store, windows_R * self.seq_len, self.seq_len).astype(np.int32)
+        starts_R = self.starts(step, np.asarray(rows_R, np.int64))
+        return tokenstore.windows(self._store, starts_R, self.seq_len).astype(np.int32)
 
     def global_batch(self, step: int) -> np.ndarray:
         return self.rows(step, np.arange(self.batch_size))
@@ -307,6 +347,101 @@ class Loader:
         return jax.make_array_from_process_local_data(sharding, self.rows(step, rows_R), shape)
 
 
+_MIX_STREAM = 1  # separates a mixture's random streams from the unweighted loader's SeedSequence([seed, epoch])
+
+
+def integer_proportions(weights: tuple[float, ...]) -> tuple[int, ...]:
+    """Integers in exactly the ratio of the weights as written (0.3 is 3/10, not the nearest binary fraction)."""
+    fractions = [Fraction(repr(float(w))) for w in weights]
+    scale = math.lcm(*(f.denominator for f in fractions))
+    ints = [int(f * scale) for f in fractions]
+    common = math.gcd(*ints)
+    return tuple(i // common for i in ints)
+
+
+def mixture_position(g: int, proportions: tuple[int, ...]) -> tuple[int, int]:
+    """(source k, how many earlier positions went to k) of position g of the endless mixed sequence.
+
+    The interleaving of grain's `MapDataset.mix`, on exact integer proportions: source 0 takes position g when
+    ceil((g + 1) p_0 / P) > ceil(g p_0 / P) (P = the sum), the other positions are numbered in order and shared
+    among the remaining sources the same way. Over the first g positions source k has g p_k / P of them to within
+    k + 1, and its n-th position takes its n-th window."""
+    remaining = sum(proportions)
+    a, b = g, g + 1  # positions before g, and up to g, that are still to share out
+    for k, p in enumerate(proportions):
+        rest_a, rest_b = a * (remaining - p) // remaining, b * (remaining - p) // remaining
+        if a - rest_a != b - rest_b:
+            return k, a - rest_a
+        remaining -= p
+        a, b = rest_a, rest_b
+    raise AssertionError("unreachable: the last source takes every remaining position")
+
+
+class MixtureLoader(Loader):
+    """A weighted mixture's loader: global batch of step s = positions [s·B, (s+1)·B) of an endless sequence that
+    gives each source its share of positions (`mixture_position`), in a row order shuffled by (seed, s).
+
+    Each source is a sequence of its own non-overlapping seq_len windows, visited once per epoch in the order of a
+    Grain shuffle seeded by (seed, source, epoch); a source's n-th position takes its n-th window, so no window
+    repeats before its source has given all of them. Every batch thus holds each source's share to within a few
+    windows, and the batch of step s is a pure function of (seed, s), as with `Loader`.
+    """
+
+    def __init__(self, prepared: Prepared, seq_len: int, global_batch: int, seed: int,
+                 weights: tuple[float, ...]):
+        self.seq_len, self.batch_size, self.seed = seq_len, global_batch, seed
+        mix = prepared.mixture
+        if mix is None or len(mix["sources"]) != len(weights):
+            what = "an unweighted corpus" if mix is None else f"a mixture of {len(mix['sources'])} sources"
+            raise ConfigError(f"{prepared.path}: prepared from {what}, not a mixture of {len(weights)}; prepare it "
+                              "with the weighted data.sources")
+        self.sources = list(mix["sources"])
+        self.weights = tuple(weights)
+        self.proportions = integer_proportions(weights)
+        self.offsets_K = [a for a, _ in prepared.source_ranges("train")]
+        self.windows_K = [(b - a) // seq_len for a, b in prepared.source_ranges("train")]
+        for k, (n, (a, b)) in enumerate(zip(self.windows_K, prepared.source_ranges("train"))):
+            if n == 0:
+                raise ConfigError(f"data.sources[{k}]: {self.sources[k]!r}: {b - a} train tokens, fewer than one "
+                                  f"window of {seq_len}; give the source more text or leave it out")
+        self._store = prepared.train_store()
+        self._epochs: dict = {}
+
+    def epoch(self, e: int, source: int = 0):
+        """Epoch e of one source as a random-access Grain dataset of window indices within that source."""
+        import grain
+
+        key = (source, e)
+        if key not in self._epochs:
+            # Steps move forward, each source through its epochs at its own pace: keep a few of each source's.
+            for old in [k for k in self._epochs if k[0] == source and abs(k[1] - e) > 2]:
+                del self._epochs[old]
+            self._epochs[key] = grain.MapDataset.range(self.windows_K[source]).shuffle(
+                seed=_epoch_seed(self.seed, e, _MIX_STREAM, source))
+        return self._epochs[key]
+
+    def positions(self, step: int, rows_R: np.ndarray) -> np.ndarray:
+        """int64 [R, 2]: (source, index within the source) of the given rows of step's global batch."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, _MIX_STREAM, step]))
+        order_B = rng.permutation(self.batch_size)
+        return np.array([mixture_position(step * self.batch_size + int(order_B[r]), self.proportions)
+                         for r in rows_R], np.int64).reshape(-1, 2)
+
+    def starts(self, step: int, rows_R: np.ndarray) -> np.ndarray:
+        starts = []
+        for k, n in self.positions(step, rows_R):
+            e, p = divmod(int(n), self.windows_K[k])
+            starts.append(self.offsets_K[k] + int(self.epoch(e, int(k))[p]) * self.seq_len)
+        return np.asarray(starts, np.int64)
+
+
+def _mixture_line(m: dict) -> str:
+    mix = m["mixture"]
+    return "mixture: " + "; ".join(
+        f"{src}: {a:,} train / {b:,} held-out tokens, {n} eval windows"
+        for src, a, b, n in zip(mix["sources"], mix["tokens"]["train"], mix["tokens"]["eval"], m["eval"]["per_source"]))
+
+
 def summary(p: Prepared) -> str:
     m = p.metadata
     f, t, b, k = m["files"], m["tokens"], m["bytes"], m["tokenizer"]
@@ -314,6 +449,8 @@ def summary(p: Prepared) -> str:
                f"{f['empty_documents']} empty")
     if f.get("skipped_records"):
         skipped += f", {f['skipped_records']} records without a string text field"
+    if f.get("skipped_damaged"):
+        skipped += f", {f['skipped_damaged']} damaged compressed files or archives (partly)"
     return "\n".join([
         f"prepared data: {p.path}",
         f"python {m['python_version']}; sources {', '.join(m['sources'])}; "
@@ -327,6 +464,7 @@ def summary(p: Prepared) -> str:
          if k["trained"] else f"tokenizer: vocab {k['vocab']}, given; ")
         + f"{'copying' if m['pretokenized'] else 'tokenizing'} {k['encode_seconds']:.1f} s",
         f"eval set: {m['eval']['examples']} x {m['eval']['length']} tokens, sha256 {p.eval_hash[:16]}",
-    ] + ([f"token store sha256 {m['tokens_sha256'][:16]} (train and held-out tokens, tokenizer)"]
-         if "tokens_sha256" in m else []))
+    ] + ([_mixture_line(m)] if "mixture" in m else [])
+        + ([f"token store sha256 {m['tokens_sha256'][:16]} (train and held-out tokens, tokenizer)"]
+           if "tokens_sha256" in m else []))
 

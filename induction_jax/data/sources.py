@@ -7,6 +7,13 @@ at each cut, so its cost and memory do not grow with the text. Documents are nam
 decides the split: a file's path; `<file>@<byte offset>` for a JSONL record or a part of a large text file;
 `<file>#<row>` for a parquet or arrow record; `<file>@<token offset>` for a pre-tokenized document.
 
+Compressed files and tar archives cannot be cut by byte offset. Such a file is a piece of its own, or joins a run
+of small ones; the planning process decompresses the piece once, from its start (`data.streams`), and hands the
+workers parts of about PIECE_BYTES of its text, cut where the decompressed file would be cut, so the names are
+the decompressed file's (`<file>` without the compression suffix, `@<offset>` into the decompressed bytes, and
+`<archive>!<member>` for a member). A part is committed as a piece is: a killed prepare resumes after the last
+committed part, decompressing the piece's earlier parts again but not tokenizing them.
+
 pyarrow (the `data` extra) is imported only when a parquet or arrow source is read.
 """
 
@@ -18,10 +25,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from ..base.config import ConfigError, DataConfig, first_line
+from . import corpus, streams
 from .corpus import SourceFile, held_out
 
 PIECE_BYTES = 16 << 20  # source bytes per piece: bounds a worker's memory and the work a kill loses
@@ -41,6 +50,24 @@ class Piece:
     def whole(self) -> bool:
         return self.stop < 0
 
+    @property
+    def streamed(self) -> bool:
+        """Compressed files or archives: read in parts (`parts`)."""
+        return self.files[0].streamed
+
+
+@dataclass
+class Part:
+    """Decompressed text of a streamed piece, cut as its plain files would be, and the faults found reading it."""
+
+    segments: list[streams.Segment] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+    size: int = 0  # stored (compressed) bytes read for it: progress
+
+    @property
+    def text_bytes(self) -> int:
+        return sum(len(s.data) for s in self.segments)
+
 
 @dataclass
 class PieceDocs:
@@ -56,6 +83,8 @@ class PieceDocs:
     empty: int = 0
     skipped: int = 0  # records without a string text field
     skipped_by_file: dict[str, int] = field(default_factory=dict)
+    damaged: int = 0  # compressed streams or archives cut short by a fault
+    faults: list[str] = field(default_factory=list)  # one line each: damaged streams, archive members not text
     used: list[tuple[str, str]] = field(default_factory=list)  # (file, source) of files that gave a document
     compressed: dict[str, list] = field(default_factory=dict)  # source -> [files, the first's path, format]
 
@@ -229,7 +258,8 @@ def _token_pieces(f: SourceFile, eod_id: int, piece_bytes: int) -> list[Piece]:
 
 def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id: int = -1) -> list[Piece]:
     """The pieces of every file (of about `piece_bytes`, default PIECE_BYTES), in source order; checks record
-    files' text column and pre-tokenized arrays."""
+    files' text column and pre-tokenized arrays, and settles whether a plain `.json` file is JSON lines (a
+    compressed one is settled when it is read, on its decompressed start)."""
     piece_bytes = piece_bytes or PIECE_BYTES
     pieces: list[Piece] = []
     run: list[SourceFile] = []  # small text files gathered into one piece
@@ -243,9 +273,21 @@ def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id:
             run_bytes = 0
 
     for f in files:
+        if f.kind == "json" and not f.streamed:  # JSON lines or text: cut and read as the one it is
+            with open(f.path, "rb") as fh:
+                f = corpus.read_as(f, corpus.head(fh), cfg.text_field)
         if f.pretokenized:
             flush()
             pieces += _token_pieces(f, eod_id, piece_bytes)
+        elif f.streamed:  # whole, in runs of their own: read in parts however large
+            if f.codec == "zstd":
+                streams.zstandard(f)  # a missing package is refused before anything is read
+            if run and not run[0].streamed:
+                flush()
+            run.append(f)
+            run_bytes += f.size
+            if run_bytes >= piece_bytes:
+                flush()
         elif f.kind == "parquet":
             flush()
             meta = _parquet_file(f)
@@ -263,6 +305,8 @@ def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id:
             cuts = _line_cuts(f.path, f.size, piece_bytes, f.kind == "jsonl")
             pieces += [Piece((f,), a, b, 0, b - a) for a, b in zip(cuts, cuts[1:])]
         else:
+            if run and run[0].streamed:
+                flush()
             run.append(f)
             run_bytes += f.size
             if run_bytes >= piece_bytes:
@@ -271,8 +315,30 @@ def plan(files: list[SourceFile], cfg: DataConfig, piece_bytes: int = 0, eod_id:
     return pieces
 
 
-# Magic numbers of compressed files, which are skipped like other binary files but named when a source holds
-# nothing else (bzip2's block header follows its level digit).
+def parts(piece: Piece, cfg: DataConfig, piece_bytes: int = 0) -> Iterator[Part]:
+    """A streamed piece's parts, in order, each about `piece_bytes` (default PIECE_BYTES) of text; at least one,
+    and together they account for all of the piece's stored bytes (Part.size)."""
+    piece_bytes = piece_bytes or PIECE_BYTES
+    part, done, reported = Part(), 0, 0  # stored bytes: of the files finished, and in the parts yielded
+    for f in piece.files:
+        for item in streams.segments(f, piece_bytes, cfg.text_field):
+            if isinstance(item, str):
+                part.faults.append(item)
+                continue
+            part.segments.append(item)
+            if part.text_bytes >= piece_bytes:
+                part.size = done + item.consumed - reported
+                reported += part.size
+                yield part
+                part = Part()
+        done += f.size
+    part.size = done - reported
+    yield part
+
+
+# Magic numbers of compressed data in a file whose name does not say so (one that does is decompressed first):
+# skipped like other binary files, but named when a source holds nothing else (bzip2's block header follows its
+# level digit).
 _COMPRESSED = (("gzip", re.compile(rb"\x1f\x8b")), ("bzip2", re.compile(rb"BZh[1-9]1AY&SY")),
                ("xz", re.compile(rb"\xfd7zXZ\x00")), ("zstd", re.compile(rb"\x28\xb5\x2f\xfd")),
                ("zip", re.compile(rb"PK\x03\x04")))
@@ -283,7 +349,7 @@ def _read_text(f: SourceFile, raw: bytes, offset: int, whole: bool, cfg: DataCon
         kind = next((name for name, magic in _COMPRESSED if magic.match(raw)), None)
         if kind:
             out.binary += 1
-            seen = out.compressed.setdefault(f.source, [0, f.path, kind])
+            seen = out.compressed.setdefault(f.source, [0, f.label, kind])
             seen[0] += 1
             return
     # NUL bytes never occur in text, and mark the binary files a directory source sweeps up.
@@ -303,7 +369,7 @@ def _read_text(f: SourceFile, raw: bytes, offset: int, whole: bool, cfg: DataCon
         if line.strip():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # not JSON, or nested past the parser's depth
                 rec = None
             value = rec.get(cfg.text_field) if isinstance(rec, dict) else None
             if isinstance(value, str):
@@ -361,9 +427,25 @@ def _read_tokens(piece: Piece, cfg: DataConfig, vocab: int, eod_id: int, out: Pi
         out.used.append((f.name, f.source))
 
 
-def read_piece(piece: Piece, cfg: DataConfig, vocab: int = 0, eod_id: int = -1) -> PieceDocs:
-    """The documents of one piece (pre-tokenized pieces need the tokenizer's vocabulary size and eod id)."""
+def _read_part(part: Part, cfg: DataConfig, out: PieceDocs) -> None:
+    for seg in part.segments:
+        binary, undecodable = out.binary, out.undecodable
+        _read_text(seg.file, seg.data, seg.offset, seg.whole, cfg, out)
+        if seg.file.member and (out.binary > binary or out.undecodable > undecodable):
+            line = f"{seg.file.label}: not text ({'binary' if out.binary > binary else 'not UTF-8'}); skipped"
+            if out.faults[-1:] != [line]:  # a large member: once, not for each of its segments
+                out.faults.append(line)
+    out.faults += part.faults
+    out.damaged += len(part.faults)
+
+
+def read_piece(piece: Piece | Part, cfg: DataConfig, vocab: int = 0, eod_id: int = -1) -> PieceDocs:
+    """The documents of one piece or part (pre-tokenized pieces need the tokenizer's vocabulary size and eod
+    id)."""
     out = PieceDocs()
+    if isinstance(piece, Part):
+        _read_part(piece, cfg, out)
+        return out
     f = piece.files[0]
     if f.pretokenized:
         _read_tokens(piece, cfg, vocab, eod_id, out)
@@ -381,9 +463,17 @@ def read_piece(piece: Piece, cfg: DataConfig, vocab: int = 0, eod_id: int = -1) 
 
 def sample(pieces: list[Piece], budget: int) -> list[int]:
     """Indices of pieces spread evenly over the corpus whose source bytes add up to about `budget`: every piece
-    when the corpus is no larger."""
-    total = sum(p.size for p in pieces)
+    when the corpus is no larger. A streamed piece counts as PIECE_BYTES, what its first part holds: the sample
+    reads only its first parts (`sample_cap`), so a corpus of a few large compressed files is sampled across its
+    files."""
+    total = sum(PIECE_BYTES if p.streamed else p.size for p in pieces)
     if total <= budget:
         return list(range(len(pieces)))
     k = max(1, min(len(pieces), round(len(pieces) * budget / total)))
     return sorted(set(np.linspace(0, len(pieces) - 1, k).round().astype(int).tolist()))
+
+
+def sample_cap(pieces: list[Piece], chosen: list[int], budget: int) -> int:
+    """The text a sample takes from each chosen streamed piece: its share of the budget when the sample leaves
+    pieces out, else no limit (0), so a corpus within the budget is sampled whole."""
+    return budget // len(chosen) if len(chosen) < len(pieces) else 0

@@ -37,6 +37,7 @@ from ..base.config import EvalConfig
 from ..model import crossentropy
 from ..model import model as model_lib
 from . import evaluate
+from .evaluate import host
 
 KINDS = ("pattern", "full")
 PATHS = ("total", "direct", "frozen_ln")
@@ -110,10 +111,11 @@ def _lane_sharding() -> NamedSharding:
 
 
 def ablated_losses(model: model_lib.Transformer, params, tokens_BT, masks_MLH, kind: str = "pattern",
-                   clean=None, path: str = "total"):
+                   clean=None, path: str = "total", lanes: NamedSharding | None = None):
     """Per-token losses [M, B, T-1] (numpy) of the model with each mask applied (lane m uses masks_MLH[m]).
 
-    `clean` may pass a precomputed `clean_run(..., path=path)` so several mask sets share one clean pass.
+    `clean` may pass a precomputed `clean_run(..., path=path)` so several mask sets share one clean pass. `lanes`
+    places the lane axis (default: split over every device); it must live on the parameters' devices.
     """
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {KINDS}")
@@ -127,11 +129,12 @@ def ablated_losses(model: model_lib.Transformer, params, tokens_BT, masks_MLH, k
     for m, mask in enumerate(masks):
         groups[n_layers if path == "direct" else first_masked_layer(mask)].append(m)
     out = np.zeros((len(masks),) + tuple(tokens_BT.shape[:1]) + (tokens_BT.shape[1] - 1,), np.float32)
-    n_dev = jax.device_count()
-    for layer, lanes in sorted(groups.items()):
-        # Pad the lane axis with clean (all-ones) lanes so it shards evenly over every device.
-        group = np.concatenate([masks[lanes], np.ones(((-len(lanes)) % n_dev,) + masks.shape[1:], np.float32)])
-        group = jax.device_put(group, _lane_sharding())
+    lanes = lanes or _lane_sharding()
+    ways = int(np.prod([lanes.mesh.shape[a] for a in jax.tree.leaves(tuple(lanes.spec)) if a]))
+    for layer, members in sorted(groups.items()):
+        # Pad the lane axis with clean (all-ones) lanes so it splits evenly over its devices.
+        group = np.concatenate([masks[members], np.ones(((-len(members)) % ways,) + masks.shape[1:], np.float32)])
+        group = evaluate.place(group, lanes)
         if path == "direct":  # every lane removes its heads from the clean final stream
             start, removed = n_layers, tuple(range(n_layers))
         elif skip_first and layer < n_layers:
@@ -141,7 +144,7 @@ def ablated_losses(model: model_lib.Transformer, params, tokens_BT, masks_MLH, k
         results = extra["head_results"][removed[0]: removed[-1] + 1] if removed else None
         losses = _lanes(model, params, tokens_BT, group, resid[start], results, patterns, extra,
                         first_layer=start, removed_layers=removed, kind=kind, path=path)
-        out[lanes] = np.asarray(losses)[: len(lanes)]
+        out[members] = host(losses)[: len(members)]
     return out
 
 
@@ -170,10 +173,11 @@ def head_masks(heads: list[tuple[int, int]], n_layers: int, n_heads: int) -> np.
 
 def ablate_eval_set(model: model_lib.Transformer, params, tokens_NL: np.ndarray, random_index_N: np.ndarray,
                     masks_MLH: np.ndarray, eval_cfg: EvalConfig, kind: str = "pattern",
-                    path: str = "total") -> tuple[dict, dict]:
+                    path: str = "total", lanes: NamedSharding | None = None) -> tuple[dict, dict]:
     """Over the whole eval set, for each lane: the change in ICL score and mean loss, the change at each example's
     random token, the mean change by token index, and each example's ±`eval.icl_window` ICL score (clean, and its
-    change in every lane, for standard errors). Returns (record, arrays) for the results store."""
+    change in every lane, for standard errors). Returns (record, arrays) for the results store. `lanes`: as in
+    `ablated_losses`."""
     rnd_N = random_index_N
     early, late = evaluate.icl_indices(tokens_NL.shape[1], eval_cfg.icl_early, eval_cfg.icl_late)
     window = eval_cfg.icl_window
@@ -187,11 +191,11 @@ def ablate_eval_set(model: model_lib.Transformer, params, tokens_NL: np.ndarray,
     # memory-bound.
     bs = max(1, eval_cfg.batch_size // m)
     for lo in range(0, n, bs):
-        toks = jnp.asarray(tokens_NL[lo: lo + bs])
+        toks = np.asarray(tokens_NL[lo: lo + bs], np.int32)
         rows = slice(lo, lo + len(toks))
         clean = clean_run(model, params, toks, path)
-        clean_BP = np.asarray(clean[0])
-        abl_MBP = ablated_losses(model, params, toks, masks_MLH, kind=kind, clean=clean, path=path)
+        clean_BP = host(clean[0])
+        abl_MBP = ablated_losses(model, params, toks, masks_MLH, kind=kind, clean=clean, path=path, lanes=lanes)
         delta_MBP = abl_MBP - clean_BP[None]
         sum_delta_MP += delta_MBP.sum(axis=1)
         delta_random_MN[:, rows] = delta_MBP[:, np.arange(len(toks)), rnd_N[rows] - 1]

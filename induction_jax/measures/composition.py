@@ -27,6 +27,7 @@ import numpy as np
 
 from ..base.config import ModelConfig
 from ..model.model import stacked
+from .evaluate import host
 from .heads import folded
 
 MODES = ("q", "k", "v")
@@ -88,7 +89,7 @@ def composition_scores(params: dict, model_cfg: ModelConfig) -> np.ndarray:
     mode MODES[m] (Q, K, V), NaN unless l1 < l2. Weights only: no tokens, no forward pass."""
     f = _factors(params, model_cfg)
     n_layers, n_heads = model_cfg.n_layers, model_cfg.n_heads
-    scores_MGG = np.asarray(_scores(f["Q"], f["K"], f["V"], f["O"], n_heads), np.float32)
+    scores_MGG = host(_scores(f["Q"], f["K"], f["V"], f["O"], n_heads)).astype(np.float32)
     scores = scores_MGG.reshape(len(MODES), n_layers, n_heads, n_layers, n_heads)
     earlier_LL = np.arange(n_layers)[:, None] < np.arange(n_layers)[None, :]
     return np.where(earlier_LL[None, :, None, :, None], scores, np.nan).astype(np.float32)
@@ -111,7 +112,7 @@ def alignment_ceiling(params: dict, model_cfg: ModelConfig) -> np.ndarray:
     |A B|_F^2 <= sum_i s_i(A)^2 s_i(B)^2, both descending). A circuit spread over k equal directions scores at
     most 1/sqrt(k), so a score is read against its ceiling as well as against the random baseline."""
     f = _factors(params, model_cfg)
-    ov_GK, qk_GK = (np.asarray(a, np.float64) for a in _singular_values(f["Q"], f["K"], f["V"], f["O"]))
+    ov_GK, qk_GK = (host(a).astype(np.float64) for a in _singular_values(f["Q"], f["K"], f["V"], f["O"]))
     n_layers, n_heads = model_cfg.n_layers, model_cfg.n_heads
 
     def ceiling(writer_GK, reader_GK):

@@ -34,6 +34,25 @@ def icl_indices(length: int, early: int = 50, late: int = 500) -> tuple[int, int
     return e, l
 
 
+def host(x) -> np.ndarray:
+    """A device array's whole value as numpy in every process, also when its shards live on other processes' devices
+    (a collective there: every process must call it)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def place(x: np.ndarray, sharding: jax.sharding.Sharding | None = None):
+    """A host array (the same in every process) on `sharding`, which may span other processes' devices; without
+    one, the numpy array itself, which a jitted function places beside its other arguments."""
+    x = np.asarray(x)
+    if sharding is None:
+        return x  # jit places it
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _batch_losses(model, params, tokens_BT):
     return token_losses(model.apply({"params": params}, tokens_BT), tokens_BT)
@@ -50,7 +69,7 @@ def padded_batches(tokens_NL, batch_size: int, sharding: jax.sharding.Sharding |
         rows = batch_BT.shape[0]
         if rows < batch_size:
             batch_BT = np.concatenate([batch_BT, np.zeros((batch_size - rows, t), np.int32)])
-        yield start, rows, jax.device_put(batch_BT, sharding) if sharding is not None else jnp.asarray(batch_BT)
+        yield start, rows, place(batch_BT, sharding)
 
 
 def per_token_losses(model, params, tokens_NL, batch_size: int, *, progress: bool = False,
@@ -63,7 +82,7 @@ def per_token_losses(model, params, tokens_NL, batch_size: int, *, progress: boo
     out_NL = np.empty((n, t - 1), np.float32)
     for start, rows, batch_BT in tqdm(padded_batches(tokens_NL, batch_size, sharding), total=-(-n // batch_size),
                                       desc="per-token losses", unit="batch", disable=not progress):
-        out_NL[start: start + rows] = np.asarray(_batch_losses(model, params, batch_BT))[:rows]
+        out_NL[start: start + rows] = host(_batch_losses(model, params, batch_BT))[:rows]
     return out_NL
 
 
@@ -90,6 +109,15 @@ def icl_score(losses_NL, early: int, late: int, window: int = 0):
     which the live probe uses to steady a score taken on few examples. Works on numpy and (under jit) jax arrays.
     """
     return icl_per_example(losses_NL, early, late, window).mean()
+
+
+def icl_by_group(losses_NL, group_N, n_groups: int, early: int, late: int, window: int = 0) -> np.ndarray:
+    """[..., G]: `icl_score` over the examples of each group (e.g. a mixture's sources, `group_N` in 0..G-1); NaN
+    for a group without examples."""
+    per_N = np.asarray(icl_per_example(np.asarray(losses_NL), early, late, window))
+    group_N = np.asarray(group_N)
+    return np.stack([per_N[..., group_N == g].mean(-1) if (group_N == g).any() else
+                     np.full(per_N.shape[:-1], np.nan) for g in range(n_groups)], axis=-1)
 
 
 def random_token_view(losses_NL, random_index_N) -> np.ndarray:

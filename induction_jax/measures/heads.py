@@ -18,7 +18,7 @@ import numpy as np
 
 from ..base.config import EvalConfig, ModelConfig
 from ..model.model import stacked
-from .evaluate import padded_batches
+from .evaluate import host, padded_batches
 
 Sampler = Callable[[np.random.Generator, tuple], np.ndarray]
 # The head measures of an analysed snapshot, in the order of the results store's last axis.
@@ -90,7 +90,7 @@ def prefix_matching(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id
     tokens_BT = prefix_matching_tokens(eval_cfg, sample, bos_id, rng)
     _check_length(model.cfg, tokens_BT.shape[1], "prefix_matching")
     first_query = 1 + eval_cfg.prefix_tokens
-    return np.asarray(_prefix_matching(model, params, jnp.asarray(tokens_BT), first_query), np.float32)
+    return host(_prefix_matching(model, params, tokens_BT, first_query)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------- copying
@@ -179,7 +179,7 @@ def copying(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: int, r
     """
     tokens_BT = _copy_tokens(eval_cfg, sample, bos_id, rng)
     _check_length(model.cfg, tokens_BT.shape[1], "copying")
-    return np.asarray(_copying(model, params, jnp.asarray(tokens_BT)), np.float32)
+    return host(_copying(model, params, tokens_BT)).astype(np.float32)
 
 
 def _copy_tokens(eval_cfg: EvalConfig, sample: Sampler, bos_id: int, rng) -> np.ndarray:
@@ -207,11 +207,11 @@ def copying_rank(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: i
     Returns {"top1": float32 [L, H] share of sources ranked first, "median_rank": float32 [L, H]}. With
     vocabulary V, a head with a random OV circuit has top1 ~ 1/V and median rank ~ V/2.
     """
-    tokens_BT = jnp.asarray(_copy_tokens(eval_cfg, sample, bos_id, rng))
+    tokens_BT = _copy_tokens(eval_cfg, sample, bos_id, rng)
     _check_length(model.cfg, tokens_BT.shape[1], "copying_rank")
     out_LBKHD = _direct_outputs(model, params, tokens_BT)  # one forward pass for every layer
     # Logits one layer at a time: [B, K, H, vocab] each, never [L, B, K, H, vocab].
-    ranks_LBKH = np.stack([np.asarray(_own_token_rank(out_BKHD, params["W_U"], tokens_BT[:, 1:]))
+    ranks_LBKH = np.stack([host(_own_token_rank(out_BKHD, params["W_U"], tokens_BT[:, 1:]))
                            for out_BKHD in out_LBKHD])
     return {"top1": (ranks_LBKH == 0).mean(axis=(1, 2)).astype(np.float32),
             "median_rank": np.median(ranks_LBKH, axis=(1, 2)).astype(np.float32)}
@@ -220,7 +220,7 @@ def copying_rank(model, params, eval_cfg: EvalConfig, sample: Sampler, bos_id: i
 # -------------------------------------------------------------------------------------------------- OV copying
 
 def ov_circuits(params: dict, model_cfg: ModelConfig) -> np.ndarray:
-    """float64 [L, H, E, E]: for each head a d_head x d_head matrix with the same non-zero eigenvalues as its full
+    """float32 [L, H, E, E]: for each head a d_head x d_head matrix with the same non-zero eigenvalues as its full
     OV circuit (the vocab x vocab matrix, which is never formed).
 
     Row-vector convention: a token's embedding reaches the logits through the head as
@@ -232,22 +232,32 @@ def ov_circuits(params: dict, model_cfg: ModelConfig) -> np.ndarray:
     and center_unembed conventions). With M = A B, A = E_c diag(gamma_1) W_V [vocab x E] and
     B = W_O C diag(gamma_f) U_c [E x vocab], M and B A = W_O (C diag(gamma_f) U_c E_c diag(gamma_1)) W_V share
     their non-zero eigenvalues, and the bracket is only d_model x d_model.
+
+    Computed on the parameters' devices under their shardings (U_c E_c is d_model x vocab x d_model: about 3 TFLOP
+    for a 13B model), at full float32 matmul precision; only the [L, H, E, E] result comes to the host.
     """
-    f64 = lambda a: np.asarray(a, np.float64)
-    w_e_VD, w_u_DV = f64(params["W_E"]), f64(params["W_U"])
+    return host(_ov_circuits(params, model_cfg.layer_norm))
+
+
+@functools.partial(jax.jit, static_argnames=("layer_norm",))
+def _ov_circuits(params: dict, layer_norm: bool):
+    exact = jax.lax.Precision.HIGHEST
+    w_e_VD, w_u_DV = params["W_E"].astype(jnp.float32), params["W_U"].astype(jnp.float32)
     w_u_DV = w_u_DV - w_u_DV.mean(axis=1, keepdims=True)
     d = w_e_VD.shape[1]
-    if model_cfg.layer_norm:
+    n_layers = sum(key.startswith("block_") for key in params)
+    if layer_norm:
         w_e_VD = w_e_VD - w_e_VD.mean(axis=1, keepdims=True)
-        centre_DD = np.eye(d) - 1.0 / d
-        out_DD = centre_DD * f64(params["ln_final"]["scale"])[None, :]  # C diag(gamma_f)
+        out_DD = (jnp.eye(d) - 1.0 / d) * params["ln_final"]["scale"].astype(jnp.float32)[None, :]  # C diag(g_f)
+        gamma_LD = stacked(params, "ln1", "scale").astype(jnp.float32)
     else:
-        out_DD = np.eye(d)
-    loop_DD = out_DD @ w_u_DV @ w_e_VD  # C diag(gamma_f) U_c E_c, shared by every head
-    w_o_LHED, w_v_LDHE = f64(stacked(params, "attn", "W_O")), f64(stacked(params, "attn", "W_V"))
-    gamma_LD = f64(stacked(params, "ln1", "scale")) if model_cfg.layer_norm else np.ones((model_cfg.n_layers, d))
-    return np.stack([np.einsum("hed,dc,c,chf->hef", w_o_LHED[layer], loop_DD, gamma_LD[layer], w_v_LDHE[layer],
-                               optimize=True) for layer in range(model_cfg.n_layers)])
+        out_DD, gamma_LD = jnp.eye(d), jnp.ones((n_layers, d), jnp.float32)
+    # C diag(gamma_f) U_c E_c, shared by every head; vocab is contracted first, so nothing vocab-sized is formed.
+    loop_DD = jnp.matmul(out_DD, jnp.matmul(w_u_DV, w_e_VD, precision=exact), precision=exact)
+    w_o_LHED = stacked(params, "attn", "W_O").astype(jnp.float32)
+    w_v_LDHE = stacked(params, "attn", "W_V").astype(jnp.float32)
+    return jax.lax.map(lambda a: jnp.einsum("hed,dc,c,chf->hef", a[0], loop_DD, a[1], a[2], precision=exact),
+                       (w_o_LHED, gamma_LD, w_v_LDHE))
 
 
 def ov_copying(params: dict, model_cfg: ModelConfig) -> np.ndarray:
@@ -260,7 +270,7 @@ def ov_copying(params: dict, model_cfg: ModelConfig) -> np.ndarray:
     off-target noise of a low-rank circuit does not cap it; every head of a freshly trained model tends to score
     high, so it classifies induction heads only together with prefix matching.
     """
-    lam_LHE = np.linalg.eigvals(ov_circuits(params, model_cfg))
+    lam_LHE = np.linalg.eigvals(ov_circuits(params, model_cfg).astype(np.float64))
     total_LH = np.abs(lam_LHE).sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         score_LH = np.where(total_LH > 0, lam_LHE.real.sum(-1) / total_LH, np.nan)
@@ -293,7 +303,7 @@ def previous_token(model, params, tokens_NL, batch_size: int = 8) -> np.ndarray:
     _check_length(model.cfg, t, "previous_token")
     total_LH = np.zeros((model.cfg.n_layers, model.cfg.n_heads), np.float64)
     for _, rows, batch_BT in padded_batches(tokens_NL, batch_size):
-        total_LH += np.asarray(_previous_token(model, params, batch_BT))[:, :rows].sum(axis=1)
+        total_LH += host(_previous_token(model, params, batch_BT))[:, :rows].sum(axis=1)
     return (total_LH / n).astype(np.float32)
 
 
@@ -345,7 +355,7 @@ def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndar
         p1_HGEF = jnp.einsum("dhe,gfd->hgef", w_k_DHE, w_o_GED[:g])
         p2_GHFE = jnp.einsum("dgf,dc,che->ghfe", w_v_DGE[:, :g], gram_DD, w_q_DHE)
         trace_HG = jnp.einsum("hgef,ghfe->hg", p1_HGEF, p2_GHFE)
-        out_LH[layer] = np.asarray(trace_HG @ jnp.asarray(prev_LH[:layer].reshape(-1)), np.float32)
+        out_LH[layer] = (host(trace_HG).astype(np.float64) @ prev_LH[:layer].reshape(-1)).astype(np.float32)
     return out_LH
 
 

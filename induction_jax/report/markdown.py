@@ -43,13 +43,33 @@ def smooth(y: np.ndarray, n: int) -> np.ndarray:
     return np.convolve(y, np.ones(n) / n, mode="valid")
 
 
+def eval_set_statement(run: Run) -> str:
+    """What the eval set is made of: for a weighted mixture, how many windows each source gives, and that they do
+    not follow the training weights."""
+    es, data = run.eval_set, run.config.data
+    n, length = es.tokens_NL.shape
+    if es.source_N is None:
+        return (f"Eval set: {n} windows of {length} tokens at uniformly random offsets in the held-out documents of "
+                f"{', '.join(f'`{p}`' for p in data.source_paths)}.")
+    counts = np.bincount(es.source_N, minlength=len(es.source_names))
+    weights = data.source_weights or (None,) * len(es.source_names)
+    per = ", ".join(f"{c} from `{name}`" + ("" if w is None else f" (training weight {w:g})")
+                    for name, c, w in zip(es.source_names, counts, weights))
+    return (f"Eval set: {n} windows of {length} tokens, per source: {per}, each at a uniformly random offset in "
+            "that source's held-out documents. It does not follow the training weights: the sources count equally "
+            "(to within a window) in the eval loss and the ICL score"
+            + (", and each run's section gives the ICL score of each source." if len(counts) > 1 else "."))
+
+
 def write_tables(r: RunResults, out: Path) -> None:
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "tokens", "eval_loss", "icl", "icl_window", "max_prefix_matching"])
+        w.writerow(["step", "tokens", "eval_loss", "icl", "icl_window", "max_prefix_matching"]
+                   + [f"icl_window:{name}" for name in r.source_names])
         for i, s in enumerate(r.steps):
             w.writerow([int(s), int(r.tokens[i]), f"{r.eval_loss[i]:.5f}", f"{r.icl[i]:.5f}",
-                        f"{r.icl_window[i]:.5f}", f"{np.nanmax(r.measure('prefix_matching')[i]):.5f}"])
+                        f"{r.icl_window[i]:.5f}", f"{np.nanmax(r.measure('prefix_matching')[i]):.5f}"]
+                       + ([f"{v:.5f}" for v in r.icl_window_by_source[i]] if r.source_names else []))
     with (out / "heads.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "tokens", "layer", "head", "measure", "value"])
@@ -98,6 +118,12 @@ def run_section(r: RunResults, fig: Path, rel: str) -> list[str]:
     lines.append(f"- ICL score = loss at token index {late} − loss at token index {early} (0-based index of the "
                  f"predicted token; eval windows of {r.losses_SNP.shape[2] + 1} tokens): {r.icl[0]:+.3f} at the "
                  f"first snapshot, {r.icl[-1]:+.3f} at the last.")
+    if r.icl_window_by_source is not None:
+        counts = np.bincount(r.run.eval_set.source_N, minlength=len(r.source_names))
+        weights = r.run.config.data.source_weights or (None,) * len(r.source_names)
+        lines.append(f"- ICL score by source (±{eval_cfg.icl_window} indices, first → last snapshot): " + "; ".join(
+            f"`{name}` ({'' if wt is None else f'weight {wt:g}, '}{n} eval windows) {icl[0]:+.3f} → {icl[-1]:+.3f}"
+            for name, wt, n, icl in zip(r.source_names, weights, counts, r.icl_window_by_source.T)) + ".")
     if r.window:
         w = r.window
         i0, i1 = w["i"], w["j"]
@@ -274,6 +300,7 @@ def write(runs: list[Run], out: Path | None = None, before_after=(None, None), a
         write_tables(r, r.run.store.dir)
     lines = ["# In-context learning and induction heads: report", ""]
     lines.append(f"Runs: {', '.join(r.name for r in shown)}. Eval set hash `{runs[0].eval_set.eval_hash[:16]}`.")
+    lines += ["", eval_set_statement(runs[0])]
     if analysed:
         early, late = analysed[0].run.icl_indices
         plots.icl_curve(fig / "icl", {r.name: (r.tokens, r.icl_window) for r in analysed},

@@ -299,10 +299,13 @@ class SnapshotReader:
     """Read-only access to a run's committed snapshots; safe while training is still writing them.
 
     It never writes, deletes or caches: each call looks at the directory afresh, so new snapshots appear as
-    they are committed.
+    they are committed. In a multi-host job every process reads each snapshot together (Orbax meets at a barrier
+    after each read), unless `local` is set: then each process reads on its own, which processes that analyse
+    different snapshots need.
     """
 
-    def __init__(self, run_dir: str | epath.Path):
+    def __init__(self, run_dir: str | epath.Path, local: bool = False):
+        self.local = local
         self.run_dir = _absolute(run_dir)
         self.directory = self.run_dir / SNAPSHOTS_DIR
         if not self.run_dir.is_dir():
@@ -332,8 +335,8 @@ class SnapshotReader:
         path = self._committed(step)
         try:
             with logs.diverted():
-                meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / _META,
-                                                                             args=ocp.args.JsonRestore())
+                meta = self._checkpointer(ocp.JsonCheckpointHandler).restore(path / _META,
+                                                                               args=ocp.args.JsonRestore())
         except Exception as e:  # noqa: BLE001 - any failure to read means an unusable snapshot
             raise SnapshotError(f"{path}: unreadable snapshot metadata "
                                 f"({first_line(e, with_type=True)})") from None
@@ -352,9 +355,16 @@ class SnapshotReader:
         args = _restore_args(abstract_params, str(path))
         try:
             with logs.diverted():
-                return ocp.PyTreeCheckpointer().restore(path / _PARAMS, args=args)
+                return self._checkpointer(ocp.PyTreeCheckpointHandler).restore(path / _PARAMS, args=args)
         except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for damaged files
             raise SnapshotError(f"{path}: unreadable snapshot ({first_line(e, with_type=True)})") from None
+
+    def _checkpointer(self, handler_cls) -> ocp.Checkpointer:
+        if not self.local:
+            return ocp.Checkpointer(handler_cls())
+        me = jax.process_index()  # a barrier over this process alone is skipped
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        return ocp.Checkpointer(handler_cls(multiprocessing_options=options), multiprocessing_options=options)
 
     def shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """{key path: shape} of the snapshot's arrays, read from its metadata alone."""

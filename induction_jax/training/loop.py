@@ -272,7 +272,8 @@ def _train(cfg: Config, run_dir: Path, override_config: bool, progress: bool) ->
     prepared = prepare_data(cfg, progress)
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = step_lib.build(cfg, mesh)
-    loader = dataset.Loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed)
+    loader = dataset.make_loader(prepared, cfg.model.context, cfg.train.batch_size, cfg.data.seed,
+                                 cfg.data.source_weights)
     es = evalset.from_prepared(prepared, cfg.eval.exclude_common)
     prober = Prober(cfg, es, mesh) if cfg.train.probe_every else None
     # Read from the directory, before the resume manager creates state/: a refusal here leaves the run as it was.
