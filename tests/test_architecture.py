@@ -64,7 +64,7 @@ DOTTED = re.compile(r"(?<![\w/.~-])induction_jax(?:\.\w+)+")
 FROM_IMPORT = re.compile(r"from (induction_jax(?:\.\w+)*) import \(?([\w ,]+)\)?")
 FILE = re.compile(r"(?<![\w/.~-])induction_jax(?:/\w+)+\.py\b")
 SHORT = re.compile(r"`(\w+)\.(\w+)[`(]")
-CONFIG_SECTIONS = {"model", "data", "train", "snapshots", "mesh", "eval"}  # `model.n_layers` is a config key
+CONFIG_SECTIONS = {"model", "data", "train", "snapshots", "mesh", "eval", "analysis"}  # `model.n_layers` is a config key
 FILE_SUFFIXES = {"csv", "json", "jsonl", "lock", "log", "md", "npz", "png", "py", "svg", "toml", "txt", "yaml", "zarr"}
 
 
