@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser = cli.Parser(prog="python -m induction_jax.ablate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="mesh.* and analysis.* overrides")
-    parser.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
+    parser.add_argument("--steps", nargs="*", help="only these snapshot steps")
     parser.add_argument("--kind", choices=KINDS, default="pattern")
     parser.add_argument("--path", choices=PATHS, default="total",
                         help="total (the paper's), direct (final residual stream only) or frozen_ln (every "
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     cli.add_progress_arg(parser)
     job.add_args(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    args.steps, after_steps = job.steps_arg(args.steps)
+    args.overrides += after_steps
     progress = not args.no_progress
     if args.before is not None and args.after is not None and args.before >= args.after:
         raise UserError(f"--before {args.before} is not earlier than --after {args.after}: the attribution compares "

@@ -30,13 +30,14 @@ def main(argv=None) -> int:
                         help="run directories, then any mesh.*/analysis.* key=value overrides")
     parser.add_argument("--out", type=Path, help="results and report directory (default: RUN_DIR/analysis; "
                                                  "with several runs, the joint report goes to runs' parent)")
-    parser.add_argument("--steps", type=int, nargs="*", help="only these snapshot steps")
+    parser.add_argument("--steps", nargs="*", help="only these snapshot steps")
     parser.add_argument("--ablations", action="store_true", help="also run pattern-preserving head ablations")
     parser.add_argument("--no-report", action="store_true", help="compute results only")
     cli.add_progress_arg(parser)
     job.add_args(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
-    run_dirs, overrides = job.split(args.run_dirs)
+    args.steps, after_steps = job.steps_arg(args.steps)
+    run_dirs, overrides = job.split(args.run_dirs + after_steps)
     if not run_dirs:
         raise UserError("no RUN_DIR given (only key=value overrides)")
     part = job.start(args)

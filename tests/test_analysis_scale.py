@@ -22,7 +22,7 @@ from induction_jax.base.config import UserError
 from induction_jax.measures import ablation, composition, evaluate
 
 SHARDED = ["analysis.placement=sharded", "mesh.fsdp=4", "mesh.tensor=2"]
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +143,16 @@ def _sections(run_dir, out):
     return run, [EVAL, COMPOSITION, ablation_name()]
 
 
-def _assert_same_store(run_dir, got, want, atol=0.0):
-    """Every section's steps, records and arrays of two results directories agree (exactly, by default)."""
+def _assert_same_store(run_dir, got, want, atol=0.0, steps=None):
+    """Every section's steps, records and arrays of two results directories agree (exactly, by default); `steps`:
+    only those of `want`."""
     a, sections = _sections(run_dir, got)
     b, _ = _sections(run_dir, want)
     for section in sections:
-        assert sorted(a.store.steps(section)) == sorted(b.store.steps(section)) != [], section
-        ra, rb = a.store.sorted_records(section), b.store.sorted_records(section)
+        want_steps = sorted(s for s in b.store.steps(section) if steps is None or s in steps)
+        assert sorted(a.store.steps(section)) == want_steps != [], section
+        ra = a.store.sorted_records(section)
+        rb = [r for r in b.store.sorted_records(section) if r["step"] in want_steps]
         for x, y in zip(ra, rb):
             assert x.keys() == y.keys()
             for k in x:
@@ -160,8 +163,9 @@ def _assert_same_store(run_dir, got, want, atol=0.0):
                                                err_msg=f"{section} {k}")
         idx = a.store.index(section)
         for name in sorted(idx["digests"][0]):
-            np.testing.assert_allclose(a.store.read(section, name), b.store.read(section, name), atol=atol, rtol=0,
-                                       err_msg=f"{section}.{name}")
+            for step in want_steps:
+                np.testing.assert_allclose(a.store.read(section, name, step), b.store.read(section, name, step),
+                                           atol=atol, rtol=0, err_msg=f"{section}.{name} step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +199,16 @@ def test_parts_of_the_work_merge_into_the_store_one_process_writes(trained, sing
 
 @pytest.mark.slow
 def test_two_processes_of_four_devices_give_the_store_of_one_process_of_eight(trained, single, tmp_path):
-    """Sharded over a 2 x 4 mesh spanning both processes: process 0 alone writes, the others wait."""
+    """Sharded over a 2 x 4 mesh spanning both processes, at the last snapshot: process 0 alone writes, the other
+    waits."""
     out = tmp_path / "out"
     port = _free_port()
-    rs = _together([(_analyze(trained, out, *SHARDED), _env(4, i, port)) for i in range(2)])
+    last = Run(trained).steps[-1]
+    rs = _together([(_analyze(trained, out, "--steps", last, *SHARDED), _env(4, i, port)) for i in range(2)])
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
     assert "report: " in rs[0].stdout and "report: " not in rs[1].stdout
-    _assert_same_store(trained, out, single, atol=1e-5)
+    _assert_same_store(trained, out, single, atol=1e-5, steps={last})
 
 
 @pytest.mark.slow
@@ -254,3 +260,11 @@ def test_a_sharded_run_cannot_be_split_into_parts(trained, tmp_path):
     run = Run(trained, tmp_path, SHARDED)
     with pytest.raises(UserError, match="multi-host job"):
         scoring.job_part(run, parts.Part(0, 2))
+
+
+def test_overrides_may_follow_the_steps_on_the_command_line():
+    from induction_jax.analysis import job
+    assert job.steps_arg(["8", "16", "mesh.fsdp=2"]) == ([8, 16], ["mesh.fsdp=2"])
+    assert job.steps_arg(None) == (None, [])
+    with pytest.raises(UserError, match="--steps: 'x'"):
+        job.steps_arg(["x"])

@@ -291,7 +291,8 @@ def test_unreadable_snapshot_is_one_line(trained, tmp_path):
     r = run(cmd("analyze", run_dir, "--no-progress", "--no-report"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stdout + r.stderr and r.stdout.count("skipped: ") == 2, r.stdout + r.stderr
-    assert len((r.stdout + r.stderr).strip().splitlines()) == 2, r.stdout + r.stderr
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 3 and "snapshots restored replicated" in lines[0], r.stdout + r.stderr  # + the placement
     # The scripting API: the one-line SnapshotError, and nothing on the terminal, then or when Orbax's abandoned
     # reads finish later. In a subprocess: pytest would intercept what Python reports of them.
     script = """if True:

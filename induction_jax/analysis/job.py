@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 
+from ..base.config import UserError
 from ..training import sharding
 from . import parts
 from .run import Run
@@ -38,6 +39,21 @@ def split(items: list[str]) -> tuple[list[Path], list[str]]:
     existing path is an override (Run refuses any but mesh.* and analysis.* in one line)."""
     overrides = [i for i in items if "=" in i and not Path(i).exists()]
     return [Path(i) for i in items if i not in overrides], overrides
+
+
+def steps_arg(values: list[str] | None) -> tuple[list[int] | None, list[str]]:
+    """(--steps as integers, the key=value overrides that followed them on the command line)."""
+    if values is None:
+        return None, []
+    overrides = [v for v in values if "=" in v]
+    steps = []
+    for v in values:
+        if v not in overrides:
+            try:
+                steps.append(int(v))
+            except ValueError:
+                raise UserError(f"--steps: {v!r} is not a snapshot step (an integer)") from None
+    return steps, overrides
 
 
 def start(args: argparse.Namespace) -> parts.Part | None:
