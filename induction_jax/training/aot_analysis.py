@@ -68,26 +68,33 @@ def ov_circuits(params: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def qk_trace(params: dict, cfg: ModelConfig, prev_LH: jax.Array) -> jax.Array:
-    """float32 [L, H]: heads.qk_trace as one device program (NaN for layer 0), with the same d_head x d_head
-    products per layer."""
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    rows = [jnp.full((n_heads,), jnp.nan, jnp.float32)]
-    if n_layers < 2:
-        return jnp.stack(rows)
+    """float32 [L, H]: heads.qk_trace as one device program (NaN for layer 0), with its d_head x d_head products
+    formed for one (reader layer, writer layer) pair at a time, so that memory does not grow with depth: the
+    measure's [H, layer x H, E, E] products of the last layer are 4 GiB each for full_40l."""
+    n_layers = cfg.n_layers
     w_e_VD = params["W_E"].astype(jnp.float32)
     gram_DD = w_e_VD.T @ w_e_VD
-    w_v_LDHE = heads.folded(params, cfg, "W_V")[:-1]
-    w_v_DGE = jnp.moveaxis(w_v_LDHE, 0, 1).reshape(w_v_LDHE.shape[1], -1, w_v_LDHE.shape[3])
-    w_o_LHED = stacked(params, "attn", "W_O")[:-1].astype(jnp.float32)
-    w_o_GED = w_o_LHED.reshape(-1, *w_o_LHED.shape[2:])
     w_q_LDHE, w_k_LDHE = heads.folded(params, cfg, "W_Q"), heads.folded(params, cfg, "W_K")
-    prev_G = prev_LH.astype(jnp.float32).reshape(-1)
-    for layer in range(1, n_layers):
-        g = layer * n_heads
-        p1_HGEF = jnp.einsum("dhe,gfd->hgef", w_k_LDHE[layer], w_o_GED[:g])
-        p2_GHFE = jnp.einsum("dgf,dc,che->ghfe", w_v_DGE[:, :g], gram_DD, w_q_LDHE[layer])
-        rows.append(jnp.einsum("hgef,ghfe->hg", p1_HGEF, p2_GHFE) @ prev_G[:g])
-    return jnp.stack(rows)
+    w_v_LDGF = heads.folded(params, cfg, "W_V")
+    w_o_LGFD = stacked(params, "attn", "W_O").astype(jnp.float32)
+    gq_LDHE = jnp.einsum("dc,lche->ldhe", gram_DD, w_q_LDHE)
+
+    def reader(args):
+        k_DHE, gq_DHE = args
+
+        def writer(w_args):
+            o_GFD, v_DGF = w_args
+            p1_HGEF = jnp.einsum("dhe,gfd->hgef", k_DHE, o_GFD)
+            p2_GHFE = jnp.einsum("dgf,dhe->ghfe", v_DGF, gq_DHE)
+            return jnp.einsum("hgef,ghfe->hg", p1_HGEF, p2_GHFE)
+
+        return jax.lax.map(writer, (w_o_LGFD, w_v_LDGF))
+
+    trace_LMHG = jax.lax.map(reader, (w_k_LDHE, gq_LDHE))  # reader layer l, writer layer m
+    earlier_LM = jnp.arange(n_layers)[:, None] > jnp.arange(n_layers)[None, :]
+    out_LH = jnp.einsum("lmhg,mg->lh", jnp.where(earlier_LM[:, :, None, None], trace_LMHG, 0.0),
+                        prev_LH.astype(jnp.float32))
+    return jnp.where(jnp.arange(n_layers)[:, None] == 0, jnp.nan, out_LH)
 
 
 def _composition(params, cfg: ModelConfig):
