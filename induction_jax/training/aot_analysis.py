@@ -16,8 +16,9 @@ host with libtpu).
   one per batch shard), as `ablation.ablate_eval_set` splits the eval set.
 
 `heads.qk_trace` runs eagerly, one layer at a time, and `heads.ov_circuits` in float64 numpy on the host, so neither
-is one program: `qk_trace` and `ov_circuits` here are their device forms (float32, the same products, every
-layer in one program, no vocab x vocab array), checked against them in tests/test_scale.py.
+is one program: `qk_trace` and `ov_circuits` here are their device forms (float32, the same d_head x d_head and
+d_model x d_model products, every layer in one program, no vocab x vocab array), checked against them in
+tests/test_scale.py.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def rows_for(n: int, mesh: Mesh) -> int:
 
 def programs(cfg: Config, mesh: Mesh, lanes: int | None = None) -> list[Program]:
     """The analysis programs of `cfg`'s model on `mesh`, in report order; `lanes` sets the ablation lane group's
-    size (default: one layer's heads)."""
+    size (default: one layer's heads). Call it, and lower the programs, with the mesh set (`jax.set_mesh`)."""
     m, ev = cfg.model, cfg.eval
     model = model_lib.make(m)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
