@@ -1,5 +1,4 @@
-"""`python -m induction_jax.plan`: compile the train step and the analysis programs ahead of time for a TPU slice,
-without the TPU.
+"""`python -m induction_jax.plan`: compile training and analysis ahead of time for a TPU slice, without the TPU.
 
 `--topology v5e:16x16` compiles with libtpu (the `tpu` extra: `pip install 'jax[tpu]'`) for that slice's devices,
 on the code path a TPU runs, and gives a verdict. It lowers the real train step (step.build's step_fn) and what
