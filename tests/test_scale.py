@@ -1,5 +1,6 @@
 """Scale without the hardware: ahead-of-time plans on fake CPU devices (and a TPU topology when libtpu is
-installed), the full-scale configs' mesh presets against their recommended slices, and the launchers' dry runs."""
+installed), the analysis programs' device forms, the full-scale configs' mesh presets against their recommended
+slices and their analysis rows, and the launchers' dry runs."""
 
 import importlib.util
 import math
@@ -9,22 +10,29 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from induction_jax import plan
 from induction_jax.base import config
 from induction_jax.base.config import UserError
-from induction_jax.training import aot, sharding
+from induction_jax.measures import heads
+from induction_jax.model import model as model_lib
+from induction_jax.training import aot, aot_analysis, sharding
 
 FULL = [f"configs/full_{n}l.yaml" for n in (4, 6, 10, 16, 24, 40)]
 ENV_CPU = {"JAX_PLATFORMS": "cpu"}
 
 
-def _plan_table_width() -> int:
-    """The number of '|' in a row of docs/scale.md's plan tables, the rows `plan --markdown` prints."""
-    header = next(ln for ln in Path("docs/scale.md").read_text().splitlines()
-                  if ln.startswith("| config | slice | mesh d x f x t | batch |"))
-    return header.count("|")
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+TRAIN_HEADER = "| config | slice | mesh d x f x t | batch |"
+ANALYSIS_HEADER = "| config | slice | mesh d x f x t | eval batch |"
+
+
+def _plan_table_width(header: str = TRAIN_HEADER) -> int:
+    """The number of '|' in a row of one of docs/scale.md's plan tables (the rows `plan --markdown` prints)."""
+    line = next(ln for ln in Path("docs/scale.md").read_text().splitlines() if ln.startswith(header))
+    return line.count("|")
 
 
 def _cli(*args, timeout=120):
@@ -43,7 +51,7 @@ def test_growing_the_fsdp_axis_shrinks_per_device_memory():
     out = {}
     for data, fsdp in ((8, 1), (1, 8)):
         cfg = config.load("configs/full_6l.yaml", small + [f"mesh.data={data}", f"mesh.fsdp={fsdp}", "mesh.tensor=1"])
-        out[fsdp] = aot.plan(cfg, jax.devices()[:8], aot.CHIPS["v5e"], mfu=0.4, forward=False)["train"]
+        out[fsdp] = aot.plan(cfg, jax.devices()[:8], aot.CHIPS["v5e"], mfu=0.4, analysis=False)["train"]
     assert out[8].arguments * 7 < out[1].arguments  # the train state is split 8 ways
     assert out[8].temporaries < out[1].temporaries, (
         f"temporaries grew with the fsdp axis: {out[1].temporaries / 2**20:.0f} MiB at fsdp=1, "
@@ -60,7 +68,7 @@ PATTERN_MIB = 4 * 2 * 12 * 1024 ** 2 / 2**20
 
 def _planned_temps_mib(devices, overrides) -> float:
     cfg = config.load("configs/full_6l.yaml", SHRINK + overrides)
-    return aot.plan(cfg, devices, aot.CHIPS["v5e"], mfu=0.4, forward=False)["train"].temporaries / 2**20
+    return aot.plan(cfg, devices, aot.CHIPS["v5e"], mfu=0.4, analysis=False)["train"].temporaries / 2**20
 
 
 def test_fused_attention_shrinks_the_planned_step_and_the_cpu_compiler_undoes_remat():
@@ -68,14 +76,12 @@ def test_fused_attention_shrinks_the_planned_step_and_the_cpu_compiler_undoes_re
     explicit = _planned_temps_mib(devices, ["model.attention=explicit", "model.remat=none"])
     fused = _planned_temps_mib(devices, ["model.attention=fused", "model.remat=none"])
     assert explicit - fused > 3 * PATTERN_MIB, (explicit, fused)  # about one pattern per layer
-    # What the plan prints for a CPU compile with remat on (aot.CPU_UNDOES_REMAT) must stay true.
+    # What the plan prints for a CPU compile (aot.cpu_note: remat undone) must stay true.
     block = _planned_temps_mib(devices, ["model.attention=fused", "model.remat=block"])
     assert abs(block - fused) < 0.1 * fused, (block, fused)
-    r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward", "model.remat=block")
-    assert r.returncode == 0 and aot.CPU_UNDOES_REMAT in r.stdout, r.stderr[-2000:]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')")
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install 'jax[tpu]')")
 def test_remat_shrinks_the_step_libtpu_compiles():
     devices, _ = aot.tpu_devices("v5e:2x4")
     none = _planned_temps_mib(devices, ["model.remat=none"])
@@ -84,35 +90,89 @@ def test_remat_shrinks_the_step_libtpu_compiles():
     assert block < dots < none and block < 0.75 * none, (block, dots, none)
 
 
-def test_plan_cli_on_fake_cpu_devices():
-    r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "4", "--markdown")
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = r.stdout
-    assert "4 x cpu" in out and "CPU compiler's estimate" in out
-    for needle in ("train step, per device: arguments", "temporaries", "peak", "analysis forward",
-                   "FLOPs per step", "analytic", "compiled cost analysis", "step time at 40% MFU", "snapshots x"):
+def _no_verdict(text: str) -> bool:
+    return not re.search(r"\bfits\b|DOES NOT FIT|verdict: every", text)
+
+
+def test_plan_on_fake_cpu_devices_lists_every_program_without_a_verdict(capsys):
+    assert plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "8 x cpu" in out and "CPU compiler's estimate" in out
+    for needle in ("train step, per device: arguments", "temporaries", "peak", "FLOPs per step", "analytic",
+                   "compiled cost analysis", "step time at 40% MFU", "snapshots x"):
         assert needle in out, needle
-    row = out.strip().splitlines()[-1]
-    assert row.startswith("| tiny | 4 x CPU | 1x4x1 | 8 |") and row.count("|") == _plan_table_width()
+    # Every analysis program, with the batch it was compiled at: the eval batch (8) splits over the 8 devices, the
+    # measures' 2 draws are padded to 8 rows, as are the 8 // 4 windows of the lane group of 4 lanes (one layer's
+    # heads).
+    for program in ("per-token losses (8 x 32 tokens)", "prefix matching (8 x 29 tokens)",
+                    "copying evaluator (8 x 8 tokens)", "previous token (8 x 32 tokens)", "QK trace (weights)",
+                    "OV copying circuits (weights)", "composition scores (weights)", "alignment ceiling (weights)",
+                    "ablation clean run (8 x 32 tokens)", "ablation lane group (4 lanes x 8 x 32 tokens)"):
+        assert re.search(rf"^  {re.escape(program)} +arguments .* peak \d+\.\d+ GiB$", out, re.M), program
+    # No verdict from the CPU code path, and one line that says why and how to get libtpu's.
+    assert _no_verdict(out) and out.count(aot.cpu_note("v5e")) == 1
+    assert "pip install 'jax[tpu]'" in aot.cpu_note("v5e") and "--topology v5e:2x2" in aot.cpu_note("v5e")
+
+
+def test_plan_on_fake_cpu_devices_gives_no_verdict_past_the_chips_memory():
+    # A 32768-wide model of 65536 tokens: 32 GiB of float32 parameters on one device before AdamW's moments, twice
+    # a v5e's HBM. The plan still prints the figures only, and exits 0.
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "1", "--no-analysis", "model.vocab_size=65536",
+             "model.d_model=32768", "model.n_layers=1", "mesh.fsdp=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak = float(re.search(r"train step, per device: .* peak ([\d.]+) GiB$", r.stdout, re.M).group(1))
+    assert peak > 2 * aot.CHIPS["v5e"].hbm_gib and _no_verdict(r.stdout)
+
+
+def test_plan_refuses_markdown_rows_from_fake_cpu_devices():
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--devices", "2", "--markdown")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--markdown" in r.stderr and "--topology" in r.stderr
+
+
+def test_plan_rows_have_the_docs_tables_width():
+    cfg = config.load("configs/cpu/tiny.yaml")
+    out = aot.plan(cfg, jax.devices()[:4], aot.CHIPS["v5e"], mfu=0.4)
+    assert out["fits"] is None and len(out["analysis"]) == 10
+    row = aot.markdown_row("tiny", cfg, out, "v5e:2x2")
+    assert row.startswith("| tiny | v5e:2x2 | 1x4x1 | 8 |") and row.count("|") == _plan_table_width()
+    row = aot.analysis_row("tiny", out, "v5e:2x2")
+    assert row.startswith("| tiny | v5e:2x2 | 1x4x1 | 8 |") and "(4 lanes)" in row
+    assert row.count("|") == _plan_table_width(ANALYSIS_HEADER)
 
 
 def test_plan_reruns_itself_when_jax_has_another_device_count(capfd):
     # This process already has 8 CPU devices, fixed when jax started: plan must start a fresh interpreter.
-    code = plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-forward"])
+    code = plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "2", "--no-analysis"])
     assert code == 0
     assert "2 x cpu" in capfd.readouterr().out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'jax[tpu]')")
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed")
+def test_plan_for_a_topology_without_libtpu_says_how_to_get_it():
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "needs libtpu" in r.stderr and "pip install 'jax[tpu]'" in r.stderr and "--devices" in r.stderr
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install 'jax[tpu]')")
 def test_plan_for_a_tpu_topology_without_a_tpu():
-    r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2", "--no-forward")
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2", "--no-analysis")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 x TPU v5 lite (compiled by libtpu" in r.stdout and "of 16 GiB: fits" in r.stdout
     assert "attention fused (blocked kernel)" in r.stdout  # context 32: splash's 128-position tiles do not divide
     # A TPU mesh gets the Pallas splash kernel, compiled by libtpu from this CPU host.
-    r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2", "--no-forward", "model.context=128")
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2", "--no-analysis", "model.context=128")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "attention fused (splash kernel)" in r.stdout
+    # Every analysis program compiles for the slice, each with a verdict, and the rows of both tables come out.
+    r = _cli("--config", "configs/cpu/tiny.yaml", "--topology", "v5e:2x2", "--markdown", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(re.findall(r"^  .* peak [\d.]+ GiB of 16 GiB: fits$", r.stdout, re.M)) == 10
+    assert "verdict: every program fits 16 GiB per TPU v5e" in r.stdout
+    train_row, analysis_row = r.stdout.strip().splitlines()[-2:]
+    assert train_row.count("|") == _plan_table_width()
+    assert analysis_row.count("|") == _plan_table_width(ANALYSIS_HEADER) and analysis_row.endswith("| yes |")
 
 
 def test_out_of_memory_is_a_verdict_not_a_crash():
@@ -147,6 +207,46 @@ def test_plan_mistakes_are_one_line():
         plan.main(["--config", "configs/cpu/tiny.yaml", "--devices", "8", "train.batch_size=4"])
 
 
+def _tiny_params(overrides, seed=0):
+    """(model config, params) of the tiny model with random weights, its LayerNorm scales drawn away from 1 so
+    that folding them in counts."""
+    cfg = config.load("configs/cpu/tiny.yaml", overrides).model
+    params = model_lib.init_params(cfg, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    return cfg, jax.tree_util.tree_map_with_path(
+        lambda path, a: a * (1 + 0.5 * rng.standard_normal(a.shape)) if "scale" in jax.tree_util.keystr(path) else a,
+        params)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.layer_norm=false", "model.n_layers=3", "model.d_mlp=64"]])
+def test_device_forms_of_the_weight_measures_match_the_measures(overrides):
+    cfg, params = _tiny_params(overrides)
+    # heads.ov_circuits in float64 numpy is the reference; the device form computes in float32.
+    want = heads.ov_circuits(params, cfg)
+    got = np.asarray(jax.jit(aot_analysis.ov_circuits, static_argnums=1)(params, cfg), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    prev_LH = np.random.default_rng(1).uniform(size=(cfg.n_layers, cfg.n_heads)).astype(np.float32)
+    want = heads.qk_trace(params, cfg, prev_LH)
+    got = np.asarray(jax.jit(aot_analysis.qk_trace, static_argnums=1)(params, cfg, prev_LH))
+    assert np.isnan(got[0]).all() and np.isnan(want[0]).all()
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-4, atol=1e-5 * np.abs(want[1:]).max())
+
+
+def test_ov_circuits_on_a_mesh_never_form_vocab_by_vocab():
+    # A vocabulary no other dimension shares (1000 = 8 x 125), split over a 4-way tensor axis: no array of the
+    # compiled program, on any device, has two vocab-sized dimensions.
+    cfg = config.load("configs/cpu/tiny.yaml", ["model.vocab_size=1000", "mesh.fsdp=2", "mesh.tensor=4"])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          model_lib.abstract_params(cfg.model), sharding.param_shardings(cfg.model, mesh))
+    assert params["W_U"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(aot_analysis.ov_circuits, static_argnums=1).lower(params, cfg.model).compile().as_text()
+    shapes = re.findall(r"\[([\d,]+)\]", hlo)
+    assert any("250" in s.split(",") for s in shapes)  # the vocab's shard on each device, to show the search works
+    assert not [s for s in shapes if sum(d in ("1000", "250") for d in s.split(",")) >= 2]
+
+
 def _recommended(path: str) -> tuple[str, int]:
     text = Path(path).read_text()
     m = re.search(r"Recommended slice: (\S+) \(topology (\w+):([\dx]+), (\d+) chips of (\d+) GiB", text)
@@ -173,6 +273,24 @@ def test_full_configs_mesh_fits_their_recommended_slice(path):
     assert cells[2] == f"{data}x{fsdp}x{tensor}" and cells[8] == "yes"
     # ... whose peak keeps the 10% margin every recommendation keeps
     assert float(cells[6]) < 0.9 * aot.CHIPS[topology.split(":")[0]].hbm_gib
+
+
+@pytest.mark.parametrize("path", FULL)
+def test_full_configs_analysis_row(path):
+    """docs/scale.md's analysis table has one row per full config, on a slice the config's mesh divides, whose
+    every program keeps the 10% margin."""
+    cfg = config.load(path)
+    width = _plan_table_width(ANALYSIS_HEADER)
+    rows = [ln for ln in Path("docs/scale.md").read_text().splitlines()
+            if ln.startswith(f"| {Path(path).stem} | v5e:") and ln.count("|") == width]
+    assert len(rows) == 1, f"docs/scale.md: expected one analysis row for {Path(path).stem}"
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    chip, shape = cells[1].split(":")
+    data, fsdp, tensor = sharding.mesh_shape(cfg.mesh, math.prod(int(d) for d in shape.split("x")))
+    assert cells[2] == f"{data}x{fsdp}x{tensor}" and cells[-1] == "yes"
+    assert int(cells[3]) % (data * fsdp) == 0 and int(cells[3]) >= cfg.eval.batch_size
+    peaks = [float(c.split()[0]) for c in cells[4:8]]
+    assert max(peaks) < 0.9 * aot.CHIPS[chip].hbm_gib and f"({cfg.model.n_heads} lanes)" in cells[7]
 
 
 def _bash(*args):

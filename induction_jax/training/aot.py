@@ -1,11 +1,13 @@
-"""Ahead-of-time compilation of the train step for a TPU slice, without the TPU (`python -m induction_jax.plan`).
+"""Ahead-of-time compilation of the train step and the analysis programs for a TPU slice, without the TPU
+(`python -m induction_jax.plan`).
 
-`--topology v5e:16x16` compiles with libtpu (the `tpu` extra: `pip install 'jax[tpu]'`) for that slice's devices;
-`--devices N` compiles for N fake CPU devices instead (the CPU compiler's memory figures, which differ from a
-TPU's). Either way it lowers the real train step (step.build's step_fn) and the analysis forward (evaluate's
-per-token losses) on ShapeDtypeStructs that carry shardings, so nothing of the model is ever allocated, and prints
-per-device memory (arguments, outputs, temporaries, peak) against the chip's HBM, FLOPs per step (analytic and
-from the compiled cost analysis), the step time at a stated MFU, and the storage the snapshot schedule needs.
+`tpu_devices("v5e:16x16")` gives that slice's devices from libtpu (the `tpu` extra: `pip install 'jax[tpu]'`);
+`cpu_devices(n)` gives fake CPU devices instead. `plan` lowers the real train step (step.build's step_fn) and the
+analysis programs of one snapshot (aot_analysis) on ShapeDtypeStructs that carry shardings, so nothing of the
+model is ever allocated, and gathers per-device memory (arguments, outputs, temporaries, peak), FLOPs per step
+(analytic and from the compiled cost analysis), the step time at a stated MFU, and the storage the snapshot
+schedule needs. Only libtpu's figures get a verdict against the chip's HBM: fake CPU devices compile the CPU
+code path, whose memory is another program's (`cpu_note`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..base.config import Config, UserError, first_line
-from ..measures import evaluate
 from ..model import attention
 from ..model import model as model_lib
-from . import peak, schedule, sharding, step as step_lib
+from . import aot_analysis, peak, schedule, sharding, step as step_lib
 
 GIB = 2**30
+FIBER_STACK = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ def tpu_devices(topology: str) -> tuple[list, Chip]:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu 0.0.42.1's compiler overflows its fibers' default stacks while costing the fused convolutions of some
+    # analysis programs (prefix matching, previous token: a SIGSEGV with "STACK OVERFLOW"); 64 MiB is ample.
+    if "fibers_default_thread_stack_size" not in os.environ.get("LIBTPU_INIT_ARGS", ""):
+        os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
+                                          f" --fibers_default_thread_stack_size={FIBER_STACK}").strip()
     if chips:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.accelerator}-{chips * chip.cores_per_chip}")
     from jax.experimental import topologies
@@ -142,42 +150,40 @@ def _needed_gib(message: str) -> float:
     return float(value) * 1024 ** ("KMGT".index(unit) - 2)
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def plan(cfg: Config, devices: list, chip: Chip, *, mfu: float, forward: bool = True) -> dict:
-    """Compiles the train step (and the analysis forward) for `devices`; returns the figures `report` prints."""
+def plan(cfg: Config, devices: list, chip: Chip, *, mfu: float, train: bool = True, analysis: bool = True,
+         lanes: int | None = None) -> dict:
+    """Compiles the train step and the analysis programs (aot_analysis) for `devices`; returns the figures
+    `report` prints. `fits` is None where the devices are not the chip's (fake CPU devices): no verdict then."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     trainer = step_lib.build(cfg, mesh)
     m = cfg.model
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, m.context), jnp.int32, sharding=trainer.batch_sharding)
-    out: dict = {"devices": len(devices), "device_kind": devices[0].device_kind, "platform": devices[0].platform,
+    platform = devices[0].platform
+    out: dict = {"devices": len(devices), "device_kind": devices[0].device_kind, "platform": platform,
                  "mesh": dict(mesh.shape), "chip": chip.name, "hbm_gib": chip.hbm_gib,
-                 "attention": (f"fused ({attention.kernel_for(m.attention_kernel, m.context, devices[0].platform)} "
+                 "chip_key": next(k for k, c in CHIPS.items() if c == chip),
+                 "eval_batch": aot_analysis.rows_for(cfg.eval.batch_size, mesh), "lanes": lanes or m.n_heads,
+                 "attention": (f"fused ({attention.kernel_for(m.attention_kernel, m.context, platform)} "
                                "kernel)" if m.attention == "fused" else "explicit")}
-    # With the mesh in context the model constrains its activations to the batch axes, as in training.
+    # With the mesh in context the model constrains its activations to the batch axes, as in training, and takes
+    # the code path of the mesh's platform.
     with jax.set_mesh(mesh):
-        lowered = trainer.step_fn.lower(trainer.abstract_state, batch)
-        try:
-            compiled = compile_or_oom(lowered)
-            out["train"] = memory(compiled)
-            out["compiled_flops"] = compiled_flops(compiled) * len(devices)  # the cost of one device's program
-        except DoesNotFit as e:
-            out["train_oom"] = str(e)
-        if forward:
-            ways = mesh.shape["data"] * mesh.shape["fsdp"]
-            eval_batch = -(-cfg.eval.batch_size // ways) * ways  # rounded up to split evenly over the batch axes
-            length = min(cfg.data.eval_length, m.context)
-            params = _abstract(model_lib.abstract_params(m), sharding.param_shardings(m, mesh))
-            tokens = jax.ShapeDtypeStruct((eval_batch, length), jnp.int32, sharding=trainer.batch_sharding)
-            # evaluate's own jitted per-token losses: the forward every snapshot goes through in analysis.
-            lowered = evaluate._batch_losses.lower(model_lib.make(m), params, tokens)
-            out["forward_shape"] = (eval_batch, length)
+        if train:
+            lowered = trainer.step_fn.lower(trainer.abstract_state, batch)
             try:
-                out["forward"] = memory(compile_or_oom(lowered))
+                compiled = compile_or_oom(lowered)
+                out["train"] = memory(compiled)
+                out["compiled_flops"] = compiled_flops(compiled) * len(devices)  # the cost of one device's program
             except DoesNotFit as e:
-                out["forward_oom"] = str(e)
+                out["train_oom"] = str(e)
+        if analysis:
+            out["analysis"] = []
+            progs = aot_analysis.programs(cfg, mesh, out["lanes"])
+            for prog in tqdm(progs, desc="compiling the analysis programs", unit="program", disable=None):
+                try:
+                    out["analysis"].append((prog, memory(compile_or_oom(prog.lower()))))
+                except DoesNotFit as e:
+                    out["analysis"].append((prog, str(e)))
 
     tokens_per_step = cfg.train.batch_size * m.context
     out["tokens_per_step"] = tokens_per_step
@@ -194,8 +200,22 @@ def plan(cfg: Config, devices: list, chip: Chip, *, mfu: float, forward: bool = 
     out["snapshot_bytes"] = out["params"] * param_bytes
     # Resume state: params plus AdamW's two moments, each in the params' dtype; the latest 2 are kept.
     out["resume_bytes"] = 3 * out["params"] * param_bytes
-    out["fits"] = "train" in out and out["train"].peak <= chip.hbm_gib * GIB
+    out["fits"] = verdict(out) if platform == "tpu" else None
     return out
+
+
+def _fits(mem: Memory | str, hbm_gib: float) -> bool:
+    return isinstance(mem, Memory) and mem.peak <= hbm_gib * GIB
+
+
+def analysis_fits(out: dict) -> bool:
+    return all(_fits(mem, out["hbm_gib"]) for _, mem in out.get("analysis", ()))
+
+
+def verdict(out: dict) -> bool:
+    """Whether every program compiled fits the chip: the train step (unless skipped) and each analysis program."""
+    train = "train" not in out and "train_oom" not in out or _fits(out.get("train", ""), out["hbm_gib"])
+    return train and analysis_fits(out)
 
 
 def _gib(n: float) -> str:
@@ -219,23 +239,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.3g} days"
 
 
-def _mem_line(mem: Memory, hbm_gib: float) -> str:
-    verdict = "fits" if mem.peak <= hbm_gib * GIB else "DOES NOT FIT"
-    return (f"arguments {_gib(mem.arguments)}, outputs {_gib(mem.outputs)} ({_gib(mem.aliased)} aliased to "
-            f"arguments), temporaries {_gib(mem.temporaries)}, peak {_gib(mem.peak)} of {hbm_gib:g} GiB: {verdict}")
+def _mem_line(mem: Memory | str, out: dict) -> str:
+    hbm = out["hbm_gib"]
+    if isinstance(mem, str):
+        return f"DOES NOT FIT {hbm:g} GiB: {mem}"
+    figures = (f"arguments {_gib(mem.arguments)}, outputs {_gib(mem.outputs)} ({_gib(mem.aliased)} aliased to "
+               f"arguments), temporaries {_gib(mem.temporaries)}, peak {_gib(mem.peak)}")
+    if out["fits"] is None:
+        return figures
+    return f"{figures} of {hbm:g} GiB: {'fits' if _fits(mem, hbm) else 'DOES NOT FIT'}"
 
 
-# XLA:CPU's pipeline expands the optimization barriers jax.checkpoint puts around the recomputed forward, and a
-# later CSE pass merges that forward back into the original: what the backward needs stays live, as without remat.
-CPU_UNDOES_REMAT = ("note: the CPU compiler undoes model.remat (it removes the barriers that keep the recomputed "
-                    "forward apart), so this memory is the step's without remat; compile for a TPU topology "
-                    "(--topology) to see remat's saving")
+# A slice of each TPU chip that libtpu describes, named in the advice of `cpu_note`.
+SMALL_SLICES = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v4": "v4:2x2x1", "v6e": "v6e:2x2"}
+
+
+def cpu_note(chip: str) -> str:
+    """Why a plan for fake CPU devices gives no verdict for `chip` (a key of CHIPS), and how to get one, in one
+    line. XLA:CPU compiles other code than a TPU runs: the model's CPU forms of the projections and the
+    attention; and its pipeline expands the optimization barriers jax.checkpoint puts around the recomputed
+    forward, after which CSE merges that forward back into the original, so remat saves nothing."""
+    how = (f"install libtpu (pip install 'jax[tpu]') and compile for a slice: --topology {SMALL_SLICES[chip]}"
+           if chip in SMALL_SLICES else "compile on the GPU itself (plan compiles ahead of time for TPU slices)")
+    return (f"no verdict: these are the CPU compiler's figures for the CPU code path (row-major projections, the "
+            f"blocked CPU attention, model.remat undone), not a {CHIPS[chip].name}'s, and differ from libtpu's by "
+            f"13x and more; for the chip's own figures and a verdict, {how}")
 
 
 def report(cfg: Config, out: dict, target: str) -> str:
     m, mesh = cfg.model, out["mesh"]
     where = ("compiled by libtpu for the TPU topology, no TPU used" if out["platform"] == "tpu"
-             else f"compiled for fake CPU devices: memory is the CPU compiler's estimate, not a {out['chip']}'s")
+             else f"compiled for fake CPU devices: the CPU compiler's estimate, not a {out['chip']}'s")
     per_dev = cfg.train.batch_size / (mesh["data"] * mesh["fsdp"])
     lines = [
         f"plan: {target}: {out['devices']} x {out['device_kind']} ({where})",
@@ -246,24 +280,24 @@ def report(cfg: Config, out: dict, target: str) -> str:
         f"{m.context} = {out['tokens_per_step']:,} tokens/step ({per_dev:g} per data x fsdp shard)",
         f"train step: attention {out['attention']}, remat {m.remat}, loss chunk {m.loss_chunk or 'off'}",
     ]
-    if m.remat != "none" and out["platform"] == "cpu":
-        lines.append(CPU_UNDOES_REMAT)
-    if "train" in out:
-        lines.append(f"train step, per device: {_mem_line(out['train'], out['hbm_gib'])}")
+    if out["fits"] is None:
+        lines.append(cpu_note(out["chip_key"]))
+    if "train" in out or "train_oom" in out:
+        lines.append(f"train step, per device: {_mem_line(out.get('train', out.get('train_oom')), out)}")
+    if "analysis" in out:
+        lines.append("analysis programs, per device (parameters sharded as in training, batches over data x fsdp):")
+        width = max(len(f"{p.name} ({p.inputs})") for p, _ in out["analysis"])
+        lines += [f"  {f'{p.name} ({p.inputs})':<{width}}  {_mem_line(mem, out)}" for p, mem in out["analysis"]]
+    if "compiled_flops" in out:
+        # XLA's cost analysis cannot see into a Pallas kernel, and counts a loop's body (the chunked loss) once.
+        notes = ["the splash kernel's attention is not in it" if "splash" in out["attention"]
+                 else "it counts the full T x T attention the causal count halves"]
+        if m.loss_chunk:
+            notes.append("the chunked loss's loop body is counted once")
+        compiled = (f"{out['compiled_flops']:.3e} from the compiled cost analysis (x {out['devices']} devices; "
+                    f"{'; '.join(notes)})")
     else:
-        lines.append(f"train step, per device: DOES NOT FIT {out['hbm_gib']:g} GiB: {out['train_oom']}")
-    if "forward" in out:
-        b, t = out["forward_shape"]
-        lines.append(f"analysis forward ({b} x {t} tokens), per device: {_mem_line(out['forward'], out['hbm_gib'])}")
-    elif "forward_oom" in out:
-        lines.append(f"analysis forward, per device: DOES NOT FIT: {out['forward_oom']}")
-    # XLA's cost analysis cannot see into a Pallas kernel, and counts a loop's body (the chunked loss) once.
-    notes = ["the splash kernel's attention is not in it" if "splash" in out["attention"]
-             else "it counts the full T x T attention the causal count halves"]
-    if m.loss_chunk:
-        notes.append("the chunked loss's loop body is counted once")
-    compiled = (f"{out['compiled_flops']:.3e} from the compiled cost analysis (x {out['devices']} devices; "
-                f"{'; '.join(notes)})" if "compiled_flops" in out else "n/a")
+        compiled = "n/a"
     lines += [
         f"FLOPs per step: {out['analytic_flops']:.3e} analytic (step.flops_per_token); {compiled}",
         f"step time at {out['mfu']:.0%} MFU of {_si(out['peak_flops'], 'FLOP/s')} per {out['chip']} "
@@ -272,22 +306,49 @@ def report(cfg: Config, out: dict, target: str) -> str:
         f"storage: {out['snapshots']} snapshots x {_si(out['snapshot_bytes'], 'B')} ({m.param_dtype}) = "
         f"{_si(out['snapshots'] * out['snapshot_bytes'], 'B')}; resume state 2 x {_si(out['resume_bytes'], 'B')}",
     ]
+    if out["fits"] is not None:
+        lines.append(f"verdict: {'every program fits' if out['fits'] else 'DOES NOT FIT'} {out['hbm_gib']:g} GiB "
+                     f"per {out['chip']}")
     return "\n".join(lines)
 
 
+def _peak_cell(mems: list) -> str:
+    """The largest peak among `mems` in GiB, or what the compiler said the largest refused one needs."""
+    if not mems:
+        return "-"
+    refused = [_needed_gib(m) for m in mems if isinstance(m, str)]
+    if refused:
+        return f"needs {max(refused):.1f}"
+    return f"{max(m.peak for m in mems) / GIB:.2f}"
+
+
+def _forward_cell(out: dict) -> str:
+    return _peak_cell([mem for p, mem in out.get("analysis", ()) if p.group == "losses"])
+
+
 def markdown_row(name: str, cfg: Config, out: dict, target: str) -> str:
+    """docs/scale.md's training-table row (libtpu's figures only: `plan` refuses it for fake CPU devices)."""
     mesh = out["mesh"]
     if "train" in out:
         t = out["train"]
         mem = f"{t.arguments / GIB:.2f} | {t.temporaries / GIB:.2f} | {t.peak / GIB:.2f}"
     else:
         mem = f"- | - | needs {_needed_gib(out['train_oom']):.1f}"
-    fwd = f"{out['forward'].peak / GIB:.2f}" if "forward" in out else "-"
+    fits = _fits(out.get("train", ""), out["hbm_gib"])
     return (f"| {name} | {target} | {mesh['data']}x{mesh['fsdp']}x{mesh['tensor']} | {cfg.train.batch_size} | {mem} | "
-            f"{fwd} | {'yes' if out['fits'] else 'NO'} | {out['analytic_flops']:.2e} | "
+            f"{_forward_cell(out)} | {'yes' if fits else 'NO'} | {out['analytic_flops']:.2e} | "
             f"{out.get('compiled_flops', float('nan')):.2e} | {out['step_s']:.2f} | "
             f"{_duration(out['step_s'] * cfg.train.steps)} | {out['snapshots']} x "
             f"{_si(out['snapshot_bytes'], 'B')} = {_si(out['snapshots'] * out['snapshot_bytes'], 'B')} |")
 
 
-
+def analysis_row(name: str, out: dict, target: str) -> str:
+    """docs/scale.md's analysis-table row: the largest per-chip peak of each group of analysis programs, the train
+    step's beside them, and whether every analysis program fits."""
+    mesh = out["mesh"]
+    cells = [_peak_cell([mem for p, mem in out["analysis"] if p.group == g]) for g in aot_analysis.GROUPS]
+    train = (f"{out['train'].peak / GIB:.2f}" if "train" in out
+             else f"needs {_needed_gib(out['train_oom']):.1f}" if "train_oom" in out else "-")
+    return (f"| {name} | {target} | {mesh['data']}x{mesh['fsdp']}x{mesh['tensor']} | {out['eval_batch']} | "
+            f"{' | '.join(cells[:3])} | {cells[3]} ({out['lanes']} lanes) | {train} | "
+            f"{'yes' if analysis_fits(out) else 'NO'} |")
