@@ -101,13 +101,13 @@ def test_plan_on_fake_cpu_devices_lists_every_program_without_a_verdict(capsys):
     for needle in ("train step, per device: arguments", "temporaries", "peak", "FLOPs per step", "analytic",
                    "compiled cost analysis", "step time at 40% MFU", "snapshots x"):
         assert needle in out, needle
-    # Every analysis program, with the batch it was compiled at: the eval batch (8) splits over the 8 devices, the
-    # measures' 2 draws are padded to 8 rows, as are the 8 // 4 windows of the lane group of 4 lanes (one layer's
-    # heads).
-    for program in ("per-token losses (8 x 32 tokens)", "prefix matching (8 x 29 tokens)",
-                    "copying evaluator (8 x 8 tokens)", "previous token (8 x 32 tokens)", "QK trace (weights)",
+    # Every analysis program, with the batch the analysis gives it: the eval batch (8) split over the 8 devices, the
+    # measures' 2 draws and the previous-token batch whole, and the lane group of 4 lanes (one layer's heads) on
+    # max(1, 8 // (8 heads + 1)) = 1 window, as ablate_eval_set splits the eval set for every head's lane.
+    for program in ("per-token losses (8 x 32 tokens)", "prefix matching (2 x 29 tokens)",
+                    "copying evaluator (2 x 8 tokens)", "previous token (8 x 32 tokens)", "QK trace (weights)",
                     "OV copying circuits (weights)", "composition scores (weights)", "alignment ceiling (weights)",
-                    "ablation clean run (8 x 32 tokens)", "ablation lane group (4 lanes x 8 x 32 tokens)"):
+                    "ablation clean run (1 x 32 tokens)", "ablation lane group (4 lanes x 1 x 32 tokens)"):
         assert re.search(rf"^  {re.escape(program)} +arguments .* peak \d+\.\d+ GiB$", out, re.M), program
     # No verdict from the CPU code path, and one line that says why and how to get libtpu's.
     assert _no_verdict(out) and out.count(aot.cpu_note("v5e")) == 1
@@ -218,17 +218,53 @@ def _tiny_params(overrides, seed=0):
         params)
 
 
+def _f64(a):
+    return np.asarray(a, np.float64)
+
+
+def _folded_reference(params, cfg, layer, name):
+    w_DHE = _f64(params[f"block_{layer}"]["attn"][name])
+    if cfg.layer_norm:
+        w_DHE = w_DHE * _f64(params[f"block_{layer}"]["ln1"]["scale"])[:, None, None]
+        w_DHE = w_DHE - w_DHE.mean(0, keepdims=True)
+    return w_DHE
+
+
 @pytest.mark.parametrize("overrides", [[], ["model.layer_norm=false", "model.n_layers=3", "model.d_mlp=64"]])
-def test_device_forms_of_the_weight_measures_match_the_measures(overrides):
+def test_the_weight_measures_on_device_match_a_float64_reference(overrides):
+    """The OV circuits and the QK trace, one device program each (what `plan` compiles and `analyze` runs),
+    against float64 numpy written from their docstrings."""
     cfg, params = _tiny_params(overrides)
-    # heads.ov_circuits in float64 numpy is the reference; the device form computes in float32.
-    want = heads.ov_circuits(params, cfg)
-    got = np.asarray(jax.jit(aot_analysis.ov_circuits, static_argnums=1)(params, cfg), np.float64)
+    w_e, w_u = _f64(params["W_E"]), _f64(params["W_U"])
+    w_u = w_u - w_u.mean(1, keepdims=True)
+    d = w_e.shape[1]
+    if cfg.layer_norm:
+        w_e = w_e - w_e.mean(1, keepdims=True)
+        out_DD = (np.eye(d) - 1.0 / d) * _f64(params["ln_final"]["scale"])[None]
+    else:
+        out_DD = np.eye(d)
+    loop_DD = out_DD @ w_u @ w_e
+    # E_c diag(gamma_1) W_V W_O C diag(gamma_f) U_c's d_head x d_head twin: W_O (C diag(gamma_f) U_c E_c) diag(gamma_1) W_V
+    def gamma(layer):
+        return _f64(params[f"block_{layer}"]["ln1"]["scale"]) if cfg.layer_norm else np.ones(d)
+    want = np.stack([np.einsum("hed,dc,c,chf->hef", _f64(params[f"block_{layer}"]["attn"]["W_O"]), loop_DD,
+                               gamma(layer), _f64(params[f"block_{layer}"]["attn"]["W_V"]))
+                     for layer in range(cfg.n_layers)])
+    got = heads.ov_circuits(params, cfg).astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-    prev_LH = np.random.default_rng(1).uniform(size=(cfg.n_layers, cfg.n_heads)).astype(np.float32)
-    want = heads.qk_trace(params, cfg, prev_LH)
-    got = np.asarray(jax.jit(aot_analysis.qk_trace, static_argnums=1)(params, cfg, prev_LH))
-    assert np.isnan(got[0]).all() and np.isnan(want[0]).all()
+
+    prev_LH = np.random.default_rng(1).uniform(size=(cfg.n_layers, cfg.n_heads))
+    gram_DD = _f64(params["W_E"]).T @ _f64(params["W_E"])
+    want = np.full((cfg.n_layers, cfg.n_heads), np.nan)
+    for layer in range(1, cfg.n_layers):
+        q, k = (_folded_reference(params, cfg, layer, n) for n in ("W_Q", "W_K"))
+        for h in range(cfg.n_heads):
+            want[layer, h] = sum(
+                prev_LH[m, g] * np.trace(k[:, h].T @ _f64(params[f"block_{m}"]["attn"]["W_O"])[g].T
+                                         @ _folded_reference(params, cfg, m, "W_V")[:, g].T @ gram_DD @ q[:, h])
+                for m in range(layer) for g in range(cfg.n_heads))
+    got = heads.qk_trace(params, cfg, prev_LH.astype(np.float32))
+    assert np.isnan(got[0]).all()
     np.testing.assert_allclose(got[1:], want[1:], rtol=1e-4, atol=1e-5 * np.abs(want[1:]).max())
 
 
@@ -241,7 +277,7 @@ def test_ov_circuits_on_a_mesh_never_form_vocab_by_vocab():
                           model_lib.abstract_params(cfg.model), sharding.param_shardings(cfg.model, mesh))
     assert params["W_U"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     with jax.set_mesh(mesh):
-        hlo = jax.jit(aot_analysis.ov_circuits, static_argnums=1).lower(params, cfg.model).compile().as_text()
+        hlo = heads._ov_circuits.lower(params, cfg.model.layer_norm).compile().as_text()
     shapes = re.findall(r"\[([\d,]+)\]", hlo)
     assert any("250" in s.split(",") for s in shapes)  # the vocab's shard on each device, to show the search works
     assert not [s for s in shapes if sum(d in ("1000", "250") for d in s.split(",")) >= 2]

@@ -338,25 +338,48 @@ def qk_trace(params: dict, model_cfg: ModelConfig, prev_token_scores) -> np.ndar
     prev_LH = np.asarray(prev_token_scores, np.float32)
     if prev_LH.shape != (n_layers, n_heads):
         raise ValueError(f"qk_trace: prev_token_scores has shape {prev_LH.shape}, expected {(n_layers, n_heads)}")
-    out_LH = np.full((n_layers, n_heads), np.nan, np.float32)
     if n_layers < 2:
-        return out_LH
+        return np.full((n_layers, n_heads), np.nan, np.float32)
+    return host(_qk_traces(params, model_cfg.layer_norm, prev_LH)).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("layer_norm",))
+def _qk_traces(params: dict, layer_norm: bool, prev_LH):
+    """`qk_trace` as one device program, its d_head x d_head products formed for one (reader layer, writer layer)
+    pair at a time, so that memory does not grow with depth (the [H, layers x H, E, E] products of a 40-layer
+    model's last layer would be 4 GiB each)."""
+    cfg = _LayerNormOnly(layer_norm)
+    n_layers = sum(key.startswith("block_") for key in params)
     w_e_VD = params["W_E"].astype(jnp.float32)
     gram_DD = w_e_VD.T @ w_e_VD
-    # The earlier heads' OV circuits, all layers stacked on a flat head axis g = (layer, head).
-    w_v_LDHE = folded(params, model_cfg, "W_V")[:-1]
-    w_v_DGE = jnp.moveaxis(w_v_LDHE, 0, 1).reshape(w_v_LDHE.shape[1], -1, w_v_LDHE.shape[3])
-    w_o_LHED = stacked(params, "attn", "W_O")[:-1].astype(jnp.float32)
-    w_o_GED = w_o_LHED.reshape(-1, *w_o_LHED.shape[2:])
-    w_q_LDHE, w_k_LDHE = folded(params, model_cfg, "W_Q"), folded(params, model_cfg, "W_K")
-    for layer in range(1, n_layers):
-        g = layer * n_heads  # heads of layers 0..layer-1
-        w_q_DHE, w_k_DHE = w_q_LDHE[layer], w_k_LDHE[layer]
-        p1_HGEF = jnp.einsum("dhe,gfd->hgef", w_k_DHE, w_o_GED[:g])
-        p2_GHFE = jnp.einsum("dgf,dc,che->ghfe", w_v_DGE[:, :g], gram_DD, w_q_DHE)
-        trace_HG = jnp.einsum("hgef,ghfe->hg", p1_HGEF, p2_GHFE)
-        out_LH[layer] = (host(trace_HG).astype(np.float64) @ prev_LH[:layer].reshape(-1)).astype(np.float32)
-    return out_LH
+    w_q_LDHE, w_k_LDHE = folded(params, cfg, "W_Q"), folded(params, cfg, "W_K")
+    w_v_LDGF = folded(params, cfg, "W_V")
+    w_o_LGFD = stacked(params, "attn", "W_O").astype(jnp.float32)
+    gq_LDHE = jnp.einsum("dc,lche->ldhe", gram_DD, w_q_LDHE)
+
+    def reader(args):
+        k_DHE, gq_DHE = args
+
+        def writer(w_args):
+            o_GFD, v_DGF = w_args
+            p1_HGEF = jnp.einsum("dhe,gfd->hgef", k_DHE, o_GFD)
+            p2_GHFE = jnp.einsum("dgf,dhe->ghfe", v_DGF, gq_DHE)
+            return jnp.einsum("hgef,ghfe->hg", p1_HGEF, p2_GHFE)
+
+        return jax.lax.map(writer, (w_o_LGFD, w_v_LDGF))
+
+    trace_LMHG = jax.lax.map(reader, (w_k_LDHE, gq_LDHE))  # reader layer l, writer layer m
+    earlier_LM = jnp.arange(n_layers)[:, None] > jnp.arange(n_layers)[None, :]
+    out_LH = jnp.einsum("lmhg,mg->lh", jnp.where(earlier_LM[:, :, None, None], trace_LMHG, 0.0),
+                        prev_LH.astype(jnp.float32))
+    return jnp.where(jnp.arange(n_layers)[:, None] == 0, jnp.nan, out_LH)
+
+
+class _LayerNormOnly:
+    """What `folded` reads of a model config, for a jitted function whose only static argument is that flag."""
+
+    def __init__(self, layer_norm: bool):
+        self.layer_norm = layer_norm
 
 
 # ------------------------------------------------------------------------------------------- classification
