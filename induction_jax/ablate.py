@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser = cli.Parser(prog="python -m induction_jax.ablate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="mesh.* and analysis.* overrides")
-    parser.add_argument("--steps", nargs="*", help="only these snapshot steps")
+    parser.add_argument("--steps", nargs="*", type=job.step_or_override, help="only these snapshot steps")
     parser.add_argument("--kind", choices=KINDS, default="pattern")
     parser.add_argument("--path", choices=PATHS, default="total",
                         help="total (the paper's), direct (final residual stream only) or frozen_ln (every "

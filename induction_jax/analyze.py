@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                         help="run directories, then any mesh.*/analysis.* key=value overrides")
     parser.add_argument("--out", type=Path, help="results and report directory (default: RUN_DIR/analysis; "
                                                  "with several runs, the joint report goes to runs' parent)")
-    parser.add_argument("--steps", nargs="*", help="only these snapshot steps")
+    parser.add_argument("--steps", nargs="*", type=job.step_or_override, help="only these snapshot steps")
     parser.add_argument("--ablations", action="store_true", help="also run pattern-preserving head ablations")
     parser.add_argument("--no-report", action="store_true", help="compute results only")
     cli.add_progress_arg(parser)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 
-from ..base.config import UserError
 from ..training import sharding
 from . import parts
 from .run import Run
@@ -41,19 +40,21 @@ def split(items: list[str]) -> tuple[list[Path], list[str]]:
     return [Path(i) for i in items if i not in overrides], overrides
 
 
-def steps_arg(values: list[str] | None) -> tuple[list[int] | None, list[str]]:
+def step_or_override(value: str) -> int | str:
+    """An argparse type for --steps: a snapshot step, or a key=value override that follows the steps."""
+    if "=" in value:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+
+
+def steps_arg(values: list | None) -> tuple[list[int] | None, list[str]]:
     """(--steps as integers, the key=value overrides that followed them on the command line)."""
     if values is None:
         return None, []
-    overrides = [v for v in values if "=" in v]
-    steps = []
-    for v in values:
-        if v not in overrides:
-            try:
-                steps.append(int(v))
-            except ValueError:
-                raise UserError(f"--steps: {v!r} is not a snapshot step (an integer)") from None
-    return steps, overrides
+    return [v for v in values if isinstance(v, int)], [v for v in values if isinstance(v, str)]
 
 
 def start(args: argparse.Namespace) -> parts.Part | None:

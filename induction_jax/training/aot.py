@@ -285,7 +285,8 @@ def report(cfg: Config, out: dict, target: str) -> str:
     if "train" in out or "train_oom" in out:
         lines.append(f"train step, per device: {_mem_line(out.get('train', out.get('train_oom')), out)}")
     if "analysis" in out:
-        lines.append("analysis programs, per device (parameters sharded as in training, batches over data x fsdp):")
+        lines.append("analysis programs, per device (parameters sharded as in training, each program with the batch the "
+                     "analysis gives it):")
         width = max(len(f"{p.name} ({p.inputs})") for p, _ in out["analysis"])
         lines += [f"  {f'{p.name} ({p.inputs})':<{width}}  {_mem_line(mem, out)}" for p, mem in out["analysis"]]
     if "compiled_flops" in out:
