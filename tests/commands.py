@@ -30,3 +30,24 @@ def one_line_error(r, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr[-3000:]
     return lines[0]
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on, for a jax.distributed coordinator."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def multihost_env(devices: int, process: int | None = None, port: int | None = None) -> dict:
+    """The environment of one local process of a 2-process job (or of a lone one, `process` None) with `devices`
+    fake CPU devices; no launcher's variables leak in from the test's own environment."""
+    out = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+    for k in list(out):
+        if k.startswith(("INDUCTION_JAX_", "SLURM_")):
+            out.pop(k)
+    if process is not None:
+        out.update(INDUCTION_JAX_COORDINATOR=f"localhost:{port}", INDUCTION_JAX_NUM_PROCESSES="2",
+                   INDUCTION_JAX_PROCESS_ID=str(process))
+    return out

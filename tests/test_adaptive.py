@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from commands import free_port, multihost_env
 
 from induction_jax.base import config
 from induction_jax.base.config import AdaptiveConfig
@@ -123,7 +123,7 @@ def reference(base):
     """(overrides, run dir, config) of the adaptive tiny run trained without interruption, on one device."""
     root, ov = base
     run_dir = root / "reference"
-    r = subprocess.run(_train_cmd(run_dir, ov), env=_env(1), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_train_cmd(run_dir, ov), env=multihost_env(1), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return ov, run_dir, config.load(TINY, ov + ADAPTIVE)
 
@@ -136,23 +136,13 @@ def test_the_trainer_takes_the_extra_snapshots_its_logged_probes_decide(referenc
     assert _snapshots(run_dir) == {**{s: False for s in base}, **{s: True for s in extra}}
 
 
-def _env(devices: int, process: int | None = None, port: int | None = None) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
-    for k in ("INDUCTION_JAX_COORDINATOR", "INDUCTION_JAX_NUM_PROCESSES", "INDUCTION_JAX_PROCESS_ID"):
-        env.pop(k, None)
-    if process is not None:
-        env.update(INDUCTION_JAX_COORDINATOR=f"localhost:{port}", INDUCTION_JAX_NUM_PROCESSES="2",
-                   INDUCTION_JAX_PROCESS_ID=str(process))
-    return env
-
-
 @pytest.mark.slow
 def test_a_run_killed_between_its_extra_snapshots_takes_the_same_snapshots(reference, tmp_path):
     ov, ref_dir, cfg = reference
     extra = _replayed(cfg, ref_dir)
     killed = tmp_path / "killed"
     cmd = _train_cmd(killed, ov)
-    p = subprocess.Popen(cmd, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, env=multihost_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:  # past a third of the extra snapshots
         if any(s >= extra[len(extra) // 3] for s in checkpoint.committed_steps(killed / "state")):
@@ -167,7 +157,7 @@ def test_a_run_killed_between_its_extra_snapshots_takes_the_same_snapshots(refer
     for step in checkpoint.committed_steps(killed / "snapshots"):
         if step > resume_at:
             shutil.rmtree(killed / "snapshots" / str(step))
-    r = subprocess.run(cmd, env=_env(1), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=multihost_env(1), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from step {resume_at}" in r.stdout
     assert _snapshots(killed) == _snapshots(ref_dir)
@@ -205,18 +195,12 @@ TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _together(script, args, tmp_path) -> list[str]:
     """stdout of `script` run as process 0 and 1 of one job (one CPU device each)."""
     path = tmp_path / "script.py"
     path.write_text(script)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(path), *args], env=_env(1, i, port), stdout=subprocess.PIPE,
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(path), *args], env=multihost_env(1, i, port), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
     try:

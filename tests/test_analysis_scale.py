@@ -5,13 +5,13 @@ against one process doing it all (analysis/placement.py, analysis/parts.py, anal
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from commands import free_port, multihost_env
 
 import tiny_runs
 from corpus import prepared_tiny
@@ -100,23 +100,6 @@ def test_an_analysis_may_change_only_where_and_how_it_runs(trained):
 
 # ------------------------------------------------------------------------------------------ processes and parts
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int, process: int | None = None, port: int | None = None) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
-    for k in list(env):
-        if k.startswith(("INDUCTION_JAX_", "SLURM_")):
-            env.pop(k)
-    if process is not None:
-        env.update(INDUCTION_JAX_COORDINATOR=f"localhost:{port}", INDUCTION_JAX_NUM_PROCESSES="2",
-                   INDUCTION_JAX_PROCESS_ID=str(process))
-    return env
-
-
 def _analyze(run_dir, out, *extra):
     return [sys.executable, "-m", "induction_jax.analyze", str(run_dir), "--out", str(out), "--no-progress",
             "--ablations", *map(str, extra)]
@@ -172,7 +155,7 @@ def _assert_same_store(run_dir, got, want, atol=0.0, steps=None):
 def single(trained, tmp_path_factory):
     """One process x 8 devices analysing every snapshot (with ablations): the reference store."""
     out = tmp_path_factory.mktemp("single") / "out"
-    [r] = _together([(_analyze(trained, out, "--no-report"), _env(8))])
+    [r] = _together([(_analyze(trained, out, "--no-report"), multihost_env(8))])
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -183,7 +166,7 @@ def test_parts_of_the_work_merge_into_the_store_one_process_writes(trained, sing
     equals one process doing everything, bit for bit."""
     out = tmp_path / "out"
     for i in range(2):
-        [r] = _together([(_analyze(trained, out, "--part", f"{i}/2", "--no-report"), _env(8))])
+        [r] = _together([(_analyze(trained, out, "--part", f"{i}/2", "--no-report"), multihost_env(8))])
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"part {i} of 2" in r.stdout
     steps = Run(trained).steps
@@ -191,7 +174,7 @@ def test_parts_of_the_work_merge_into_the_store_one_process_writes(trained, sing
         part = Run(trained, parts.directory(out, parts.Part(i, 2)))
         assert part.store.steps(EVAL) == steps[i::2]
     assert Run(trained, out).store.steps(EVAL) == []  # nothing lands in the run's store before the merge
-    [r] = _together([(_analyze(trained, out, "--no-report"), _env(8))])
+    [r] = _together([(_analyze(trained, out, "--no-report"), multihost_env(8))])
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / parts.PARTS_DIR).exists()
     _assert_same_store(trained, out, single)
@@ -202,9 +185,9 @@ def test_two_processes_of_four_devices_give_the_store_of_one_process_of_eight(tr
     """Sharded over a 2 x 4 mesh spanning both processes, at the last snapshot: process 0 alone writes, the other
     waits."""
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     last = Run(trained).steps[-1]
-    rs = _together([(_analyze(trained, out, "--steps", last, *SHARDED), _env(4, i, port)) for i in range(2)])
+    rs = _together([(_analyze(trained, out, "--steps", last, *SHARDED), multihost_env(4, i, port)) for i in range(2)])
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
     assert "report: " in rs[0].stdout and "report: " not in rs[1].stdout
@@ -216,8 +199,9 @@ def test_a_killed_multi_host_analysis_resumes_and_ends_with_the_same_store(train
     """Two processes spreading the snapshots are killed once the first results are committed; run again, they
     merge what the killed job committed, do the rest, and end with the store of one uninterrupted process."""
     out = tmp_path / "out"
-    port = _free_port()
-    procs = [subprocess.Popen(_analyze(trained, out, "--no-report"), env=_env(4, i, port), start_new_session=True,
+    port = free_port()
+    procs = [subprocess.Popen(_analyze(trained, out, "--no-report"), env=multihost_env(4, i, port),
+                              start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
     index = out / Run(trained, out).store.key
     deadline = time.time() + TIMEOUT_S
@@ -235,8 +219,8 @@ def test_a_killed_multi_host_analysis_resumes_and_ends_with_the_same_store(train
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     assert committed and committed < 2 * len(Run(trained).steps), "killed before or after the work"
-    port = _free_port()
-    rs = _together([(_analyze(trained, out, "--no-report"), _env(4, i, port)) for i in range(2)])
+    port = free_port()
+    rs = _together([(_analyze(trained, out, "--no-report"), multihost_env(4, i, port)) for i in range(2)])
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
     assert not (out / parts.PARTS_DIR).exists() and index.is_dir()

@@ -8,7 +8,6 @@ one-process run then resumes from its resume checkpoint, and its snapshots resto
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from commands import free_port, multihost_env
 from jax.sharding import PartitionSpec as P
 
 from corpus import tiny_overrides
@@ -29,22 +29,6 @@ RUN = ["train.steps=6", "train.resume_every=3", "snapshots.every=2", "train.prob
 TIMEOUT_S = 240
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int, process: int | None = None, port: int | None = None) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
-    for k in ("INDUCTION_JAX_COORDINATOR", "INDUCTION_JAX_NUM_PROCESSES", "INDUCTION_JAX_PROCESS_ID"):
-        env.pop(k, None)
-    if process is not None:
-        env.update(INDUCTION_JAX_COORDINATOR=f"localhost:{port}", INDUCTION_JAX_NUM_PROCESSES="2",
-                   INDUCTION_JAX_PROCESS_ID=str(process))
-    return env
 
 
 def _train_cmd(run_dir, overrides, extra=()):
@@ -102,10 +86,10 @@ def runs(tmp_path_factory):
     dataset.prepare(config.load(TINY, ov), progress=False)
     one, two = root / "one", root / "two"
     # The one-process run goes first: it also leaves the CPU peak-FLOP/s probe cached for the two processes.
-    [r] = _run_together([(_train_cmd(one, ov), _env(8))])
+    [r] = _run_together([(_train_cmd(one, ov), multihost_env(8))])
     assert r.returncode == 0, r.stderr[-3000:]
-    port = _free_port()
-    results = _run_together([(_train_cmd(two, ov), _env(4, i, port)) for i in range(2)])
+    port = free_port()
+    results = _run_together([(_train_cmd(two, ov), multihost_env(4, i, port)) for i in range(2)])
     for i, r in enumerate(results):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
     assert "finished at step 6" in results[0].stdout
@@ -157,7 +141,7 @@ def test_one_process_resumes_the_two_process_run(runs, tmp_path):
     # Drop the final step, so the resume starts from the two-process checkpoint of step 3.
     for d in ("state/6", "snapshots/6"):
         shutil.rmtree(run_dir / d)
-    [r] = _run_together([(_train_cmd(run_dir, ov), _env(8))])
+    [r] = _run_together([(_train_cmd(run_dir, ov), multihost_env(8))])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step 3" in r.stdout
     a, b = _losses(one), _losses(run_dir)
@@ -187,8 +171,8 @@ BARRIER_SCRIPT = textwrap.dedent("""
 def test_a_barrier_gives_up_with_a_message_naming_it(tmp_path):
     script = tmp_path / "barrier.py"
     script.write_text(BARRIER_SCRIPT)
-    port = _free_port()
-    p0, p1 = _run_together([([sys.executable, str(script)], _env(1, i, port)) for i in range(2)])
+    port = free_port()
+    p0, p1 = _run_together([([sys.executable, str(script)], multihost_env(1, i, port)) for i in range(2)])
     assert p1.returncode == 2, p1.stderr[-2000:]
     last = p1.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "barrier 'process 0 skips this one'" in last and "2 s" in last
@@ -240,8 +224,8 @@ def test_snapshot_and_resume_writers_saving_at_one_step_on_two_processes(tmp_pat
     processes' shards, so every step restores whole."""
     script = tmp_path / "writers.py"
     script.write_text(WRITERS_SCRIPT)
-    port = _free_port()
-    results = _run_together([([sys.executable, str(script), str(tmp_path / "run")], _env(2, i, port))
+    port = free_port()
+    results = _run_together([([sys.executable, str(script), str(tmp_path / "run")], multihost_env(2, i, port))
                              for i in range(2)])
     for i, r in enumerate(results):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
